@@ -1,0 +1,3 @@
+"""Measure how annotation granularity changes deep-learning models for nuclei."""
+
+__version__ = "0.1.0"
