@@ -1,0 +1,5 @@
+import sys
+
+from granularity.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Datasets: readers, the canonical Region, granularity conversion and patches."""

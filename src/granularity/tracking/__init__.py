@@ -1,0 +1,1 @@
+"""MLflow conventions: tracking URI, run context, tags, artifacts and search."""

@@ -1,0 +1,53 @@
+"""Tracking URI resolution and a fast reachability check before any work starts."""
+
+from __future__ import annotations
+
+import os
+import urllib.error
+import urllib.request
+
+from granularity.errors import UserError
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_EXPERIMENT = "annotation-granularity"
+
+
+def resolve_tracking_uri() -> str:
+    """Return ``MLFLOW_TRACKING_URI`` if set, else the embedded SQLite store in the working directory."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
+    """Raise a UserError naming ``uri`` when an HTTP tracking server does not answer.
+
+    Local stores (SQLite, file paths, PostgreSQL URIs opened by the client) are
+    not checked here, because opening them reports its own error.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    health = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(health, timeout=timeout_s):
+            return
+    except urllib.error.HTTPError as error:
+        # A server that answers at all (401 with basic auth, 404 behind a proxy) is reachable.
+        if error.code < 500:
+            return
+        reason = f"HTTP {error.code}"
+    except (urllib.error.URLError, OSError) as error:
+        reason = str(getattr(error, "reason", error))
+    raise UserError(
+        f"tracking server {uri} cannot be reached ({reason}); start it (see README, 'Tracking server') "
+        f"or unset MLFLOW_TRACKING_URI to use the embedded store {DEFAULT_TRACKING_URI}"
+    )
+
+
+def configure_mlflow(experiment: str = DEFAULT_EXPERIMENT) -> str:
+    """Point MLflow at the resolved tracking URI, check it answers and select ``experiment``."""
+    import mlflow
+
+    uri = resolve_tracking_uri()
+    check_tracking_server(uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(experiment)
+    return uri

@@ -1,0 +1,39 @@
+"""Shared fixtures: the real datasets beside the project and an isolated MLflow store."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DATASETS = Path(os.environ.get("GRANULARITY_DATASETS", PROJECT_ROOT.parent / "shared" / "datasets"))
+CONSEP = DATASETS / "consep-256"
+PANNUKE = DATASETS / "pannuke-breast-demo"
+CLASS_MAPS = PROJECT_ROOT / "mlproject" / "class_maps"
+
+
+def _require(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"real dataset {path} is absent; place the datasets under {DATASETS} to run this test")
+    return path
+
+
+@pytest.fixture
+def consep_root() -> Path:
+    return _require(CONSEP)
+
+
+@pytest.fixture
+def pannuke_root() -> Path:
+    return _require(PANNUKE)
+
+
+@pytest.fixture
+def tracking_uri(tmp_path, monkeypatch) -> str:
+    """Point MLflow at a fresh SQLite store in the test's folder and run the test from there."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    return uri
