@@ -487,7 +487,7 @@ def test_coco_category_missing_from_map(tmp_path):
     annotations = [{"id": 5, "image_id": 1, "category_id": 1, "segmentation": [[1, 1, 4, 1, 4, 4]]}]
     coco_file(tmp_path, annotations)
     with pytest.raises(ConfigError, match=r"\['tumour'\]"):
-        read_regions(tmp_path, "coco", class_map({"normal": "normal"}))
+        read_regions(tmp_path, "coco", class_map({"normal": "normal"}, names=("normal", "neoplastic")))
 
 
 def test_coco_missing_image_file(tmp_path):

@@ -63,6 +63,11 @@ class ClassMap:
                 raise ConfigError(
                     f"{path}: scheme {scheme_name!r} maps labels to unknown classes {unknown}; valid classes are {names}"
                 )
+        # Every scheme also accepts the project class names, so files this project writes (QuPath GeoJSON
+        # predictions, exported tables) read back through the class map they were made with.
+        schemes = {
+            scheme_name: {**{_normalise_label(n): n for n in names}, **labels} for scheme_name, labels in schemes.items()
+        }
         self.name = name
         self.classes = classes
         self.schemes = schemes

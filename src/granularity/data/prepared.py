@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from granularity.data.class_map import ClassMap
 from granularity.data.granularity import GRANULARITIES, GranularityMaps, derive_granularities
-from granularity.data.patches import label_windows
+from granularity.data.patches import label_all_windows
 from granularity.data.readers import detect_format, input_files, read_regions
 from granularity.data.region import Region
 from granularity.errors import DatasetError
@@ -176,21 +176,6 @@ def _load_maps(path: Path) -> GranularityMaps:
     return GranularityMaps(**values)
 
 
-def _label_all(
-    regions: list[Region], maps: list[GranularityMaps], patch_size: int, stride: int | None, granularity: str
-) -> pd.DataFrame:
-    tables = []
-    for index, (region, region_maps) in enumerate(zip(regions, maps)):
-        if min(region.shape) < patch_size:
-            continue
-        table = label_windows(region_maps, granularity, patch_size, stride, region_shape=region.shape)
-        table.insert(0, "region", index)
-        tables.append(table)
-    if not tables:
-        return pd.DataFrame({"region": [], "x": [], "y": [], "size": [], "label": []}, dtype=np.int64)
-    return pd.concat(tables, ignore_index=True)[["region", "x", "y", "size", "label"]].astype(np.int64)
-
-
 def _check_patch_sizes(regions: list[Region], patch_sizes: tuple[int, ...], dataset: Path) -> None:
     largest = max((min(region.shape) for region in regions), default=0)
     for size in patch_sizes:
@@ -258,10 +243,7 @@ def prepare_dataset(
     timings["derive_s"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    windows: dict[tuple[int, str], pd.DataFrame] = {}
-    for size in patch_sizes:
-        for granularity in GRANULARITIES:
-            windows[(size, granularity)] = _windows(entry, regions, maps, size, stride, granularity, class_map)
+    windows = _windows(entry, regions, maps, patch_sizes, stride, class_map)
     timings["label_s"] = time.perf_counter() - started
 
     # The per-class unions are the largest field and only labelling reads them.
@@ -289,27 +271,37 @@ def _windows(
     entry: Path | None,
     regions: list[Region],
     maps: list[GranularityMaps],
-    patch_size: int,
+    patch_sizes: tuple[int, ...],
     stride: int | None,
-    granularity: str,
     class_map: ClassMap,
-) -> pd.DataFrame:
-    """Return the labelled windows of one size and granularity, from the cache when present."""
-    path = _windows_file(entry, patch_size, stride, granularity) if entry is not None else None
-    if path is not None and path.is_file():
-        return pd.read_csv(path, dtype=np.int64)
+) -> dict[tuple[int, str], pd.DataFrame]:
+    """Return the labelled windows of every patch size and granularity, from the cache where present."""
+    windows: dict[tuple[int, str], pd.DataFrame] = {}
+    missing: list[tuple[int, str]] = []
+    for size in patch_sizes:
+        for granularity in GRANULARITIES:
+            path = _windows_file(entry, size, stride, granularity) if entry is not None else None
+            if path is not None and path.is_file():
+                windows[(size, granularity)] = pd.read_csv(path, dtype=np.int64)
+            else:
+                missing.append((size, granularity))
+    if not missing:
+        return windows
 
     # Maps loaded from the cache have no class unions, so they are derived again for labelling.
     if any(not region_maps.class_union for region_maps in maps):
-        fresh = [derive_granularities(region, class_map) for region in regions]
-        for region_maps, fresh_maps in zip(maps, fresh):
-            region_maps.class_union = fresh_maps.class_union
-    table = _label_all(regions, maps, patch_size, stride, granularity)
+        for region, region_maps in zip(regions, maps):
+            region_maps.class_union = derive_granularities(region, class_map).class_union
+    labelled = label_all_windows(maps, sorted({size for size, _ in missing}), GRANULARITIES, stride)
 
     # Only a complete entry (its manifest is written last) takes window tables.
-    if path is not None and (entry / "manifest.json").is_file():
-        _atomic_write_bytes(path, table.to_csv(index=False).encode())
-    return table
+    complete_entry = entry is not None and (entry / "manifest.json").is_file()
+    for size, granularity in missing:
+        table = labelled[(size, granularity)][["region", "x", "y", "size", "label"]].astype(np.int64)
+        windows[(size, granularity)] = table
+        if complete_entry:
+            _atomic_write_bytes(_windows_file(entry, size, stride, granularity), table.to_csv(index=False).encode())
+    return windows
 
 
 def _write_entry(
