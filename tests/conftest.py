@@ -30,10 +30,27 @@ def pannuke_root() -> Path:
     return _require(PANNUKE)
 
 
+def reset_fluent_uri() -> None:
+    """Make MLflow's fluent API and ``MlflowClient()`` follow ``MLFLOW_TRACKING_URI`` again.
+
+    ``mlflow.set_tracking_uri`` keeps its URI in a module global that outlives
+    a test, and ``set_tracking_uri(None)`` also deletes the variable, so the
+    variable's value is put back afterwards.
+    """
+    import mlflow
+
+    value = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(None)
+    if value is not None:
+        os.environ["MLFLOW_TRACKING_URI"] = value
+
+
 @pytest.fixture
-def tracking_uri(tmp_path, monkeypatch) -> str:
+def tracking_uri(tmp_path, monkeypatch):
     """Point MLflow at a fresh SQLite store in the test's folder and run the test from there."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)
-    return uri
+    reset_fluent_uri()
+    yield uri
+    reset_fluent_uri()
