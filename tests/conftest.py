@@ -38,11 +38,18 @@ def reset_fluent_uri() -> None:
     variable's value is put back afterwards.
     """
     import mlflow
+    import mlflow.tracking.fluent
 
     value = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(None)
     if value is not None:
         os.environ["MLFLOW_TRACKING_URI"] = value
+
+    # set_experiment also keeps the experiment id in a global and in MLFLOW_EXPERIMENT_ID, which name an
+    # experiment of an earlier test's store.
+    mlflow.tracking.fluent._active_experiment_id = None
+    for variable in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID"):
+        os.environ.pop(variable, None)
 
 
 @pytest.fixture

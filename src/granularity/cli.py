@@ -6,6 +6,7 @@ import argparse
 import importlib
 import logging
 import sys
+import warnings
 
 from granularity.commands import COMMANDS
 from granularity.errors import UserError
@@ -41,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     # Third-party libraries log every HTTP retry and migration at INFO; keep the user's console readable.
     for noisy in ("alembic", "urllib3", "botocore", "mlflow.store", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    # MLflow warns about integer columns in every logged table and model signature; the hint does not apply to these.
+    warnings.filterwarnings("ignore", message=".*[Ii]nteger column.*", category=UserWarning)
 
     try:
         return int(args.handler(args) or 0)

@@ -16,6 +16,7 @@ from granularity.data.prepared import DEFAULT_PATCH_SIZES, PreparedDataset, prep
 from granularity.data.readers import FORMATS
 from granularity.errors import ConfigError
 from granularity.tracking import keys
+from granularity.tracking.params import log_params_once
 from granularity.tracking.provenance import git_commit
 from granularity.tracking.uri import DEFAULT_EXPERIMENT, configure_mlflow
 
@@ -130,15 +131,16 @@ def log_prepare_run(prepared: PreparedDataset, args: argparse.Namespace, patch_s
                 keys.TAG_GIT_COMMIT: git_commit(),
             }
         )
-        mlflow.log_params(
+        log_params_once(
+            active.info.run_id,
             {
                 "dataset": str(args.dataset),
                 "format": prepared.format,
                 "class_map": str(args.class_map),
                 "label_scheme": prepared.class_map.scheme,
                 "patch_sizes": ",".join(map(str, patch_sizes)),
-                "stride": args.stride or "half",
-            }
+                "stride": args.stride,
+            },
         )
 
         metrics = {"regions": len(prepared.regions), "ellipse_fallbacks": prepared.ellipse_fallbacks}

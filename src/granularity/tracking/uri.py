@@ -49,5 +49,12 @@ def configure_mlflow(experiment: str = DEFAULT_EXPERIMENT) -> str:
     uri = resolve_tracking_uri()
     check_tracking_server(uri)
     mlflow.set_tracking_uri(uri)
+
+    # Inside `mlflow run` the run already exists, and MLflow rejects a start_run in any other experiment.
+    project_run_id = os.environ.get("MLFLOW_RUN_ID")
+    if project_run_id:
+        experiment_id = mlflow.MlflowClient().get_run(project_run_id).info.experiment_id
+        mlflow.set_experiment(experiment_id=experiment_id)
+        return uri
     mlflow.set_experiment(experiment)
     return uri

@@ -1,0 +1,1 @@
+"""Classification and segmentation metrics, computed with torchmetrics."""

@@ -1,0 +1,1 @@
+"""Classifier and segmenter factories, and pretrained-weight lookup."""

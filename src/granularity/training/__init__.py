@@ -1,0 +1,1 @@
+"""Training: the shared loop, checkpoints, devices, and one runner per task."""
