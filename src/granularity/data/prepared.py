@@ -1,7 +1,7 @@
 """The prepared dataset: regions, their granularity maps and labelled windows, cached on disk.
 
 A cache entry is keyed by a digest of the input files (their bytes), the
-reader format, the class map and the conversion code version. It holds the
+reader format, the class map and the conversion code version. It contains the
 derived ellipse and box instance maps of every region and the window tables
 of every (patch size, stride, granularity) asked for so far. Images and
 outlines are read from the input again on every load, because decoding them

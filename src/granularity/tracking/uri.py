@@ -1,4 +1,4 @@
-"""Tracking URI resolution and a fast reachability check before any work starts."""
+"""Tracking URI resolution, the client's HTTP retry defaults and a fast reachability check before any work starts."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import urllib.error
 import urllib.request
 
 from granularity.errors import UserError
+from granularity.tracking.retry import apply_http_retry_defaults
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "annotation-granularity"
@@ -18,7 +19,7 @@ def resolve_tracking_uri() -> str:
 
 
 def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
-    """Raise a UserError naming ``uri`` when an HTTP tracking server does not answer.
+    """Raise a UserError naming ``uri`` when an HTTP tracking server does not respond.
 
     Local stores (SQLite, file paths, PostgreSQL URIs opened by the client) are
     not checked here, because opening them reports its own error.
@@ -30,7 +31,7 @@ def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
         with urllib.request.urlopen(health, timeout=timeout_s):
             return
     except urllib.error.HTTPError as error:
-        # A server that answers at all (401 with basic auth, 404 behind a proxy) is reachable.
+        # A server that responds at all (401 with basic auth, 404 behind a proxy) is reachable.
         if error.code < 500:
             return
         reason = f"HTTP {error.code}"
@@ -43,9 +44,14 @@ def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
 
 
 def configure_mlflow(experiment: str = DEFAULT_EXPERIMENT) -> str:
-    """Point MLflow at the resolved tracking URI, check it answers and select ``experiment``."""
+    """Point MLflow at the resolved tracking URI, check that it responds and select ``experiment``.
+
+    Also sets the project's bounded HTTP retry defaults (see
+    :mod:`granularity.tracking.retry`) where the user has not set them.
+    """
     import mlflow
 
+    apply_http_retry_defaults()
     uri = resolve_tracking_uri()
     check_tracking_server(uri)
     mlflow.set_tracking_uri(uri)
