@@ -9,13 +9,16 @@ parent with the same ``config_key`` tag (the newest one decides):
   leaves behind);
 - FAILED, or RUNNING or KILLED without a checkpoint, or none: run anew.
 
-NOTE: the runner assumes it is the only process working on a study; two
-runners started on one study at once would train the same configurations.
+NOTE: ``run_study`` assumes it is the only process working on a study; two
+of them started on one study at once would train the same configurations.
+Several workers share a study through an Optuna storage instead
+(``granularity study --storage URL``, :mod:`granularity.study.distributed`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
@@ -55,7 +58,11 @@ def default_tasks() -> dict[str, TaskFunction]:
 
 @dataclass
 class StudyResult:
-    """What one ``run_study`` call did, by configuration description."""
+    """Outcome of one ``run_study`` call, or of one worker of a distributed study, by configuration description.
+
+    ``elsewhere`` lists the configurations that other workers of a
+    distributed study completed; ``run_study`` leaves it empty.
+    """
 
     parent_run_id: str
     total: int
@@ -63,14 +70,25 @@ class StudyResult:
     skipped: list[str] = field(default_factory=list)
     resumed: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    elsewhere: list[str] = field(default_factory=list)
 
     @property
     def left(self) -> int:
-        return self.total - len(self.done) - len(self.skipped) - len(self.failed)
+        return max(0, self.total - len(self.done) - len(self.skipped) - len(self.failed) - len(self.elsewhere))
 
     def progress_line(self) -> str:
         failed = f", {len(self.failed)} failed" if self.failed else ""
-        return f"{len(self.done)} done, {len(self.skipped)} skipped, {self.left} left{failed} of {self.total} configurations"
+        elsewhere = f", {len(self.elsewhere)} by other workers" if self.elsewhere else ""
+        return f"{len(self.done)} done, {len(self.skipped)} skipped{elsewhere}, {self.left} left{failed} of {self.total} configurations"
+
+
+def detach_project_run() -> str | None:
+    """Clear ``MLFLOW_RUN_ID`` and return its value, so the study's child runs do not reopen the ``mlflow run`` run.
+
+    Inside ``mlflow run`` the variable names the entry point's run, and
+    MLflow's ``start_run`` reopens that run instead of starting a child.
+    """
+    return os.environ.pop("MLFLOW_RUN_ID", None)
 
 
 def check_datasets(configurations: list[StudyConfiguration]) -> None:
@@ -147,6 +165,25 @@ def _mark_stale(client, runs: list) -> None:
             client.set_terminated(run.info.run_id, "KILLED")
 
 
+def load_study(
+    preset: Preset | str | Path,
+    seeds: int | None,
+    experiment: str | None,
+    tasks: Mapping[str, TaskFunction] | None,
+) -> tuple[Preset, list[StudyConfiguration], dict[str, TaskFunction]]:
+    """Load the preset, expand its configurations and check their datasets and task functions."""
+    from granularity.tracking.uri import DEFAULT_EXPERIMENT
+
+    preset = preset if isinstance(preset, Preset) else load_preset(preset)
+    configurations = expand_grid(preset, seeds=seeds, experiment=experiment or DEFAULT_EXPERIMENT)
+    check_datasets(configurations)
+    task_functions = dict(tasks) if tasks is not None else default_tasks()
+    missing = sorted({c.task for c in configurations} - set(task_functions))
+    if missing:
+        raise KeyError(f"no task function for {missing}")
+    return preset, configurations, task_functions
+
+
 def run_study(
     preset: Preset | str | Path,
     seeds: int | None = None,
@@ -165,25 +202,22 @@ def run_study(
 
     from granularity.tracking.uri import DEFAULT_EXPERIMENT, configure_mlflow
 
-    preset = preset if isinstance(preset, Preset) else load_preset(preset)
+    preset, configurations, task_functions = load_study(preset, seeds, experiment, tasks)
     experiment = experiment or DEFAULT_EXPERIMENT
-    configurations = expand_grid(preset, seeds=seeds, experiment=experiment)
-    check_datasets(configurations)
-    task_functions = dict(tasks) if tasks is not None else default_tasks()
-    missing = sorted({c.task for c in configurations} - set(task_functions))
-    if missing:
-        raise KeyError(f"no task function for {missing}")
 
     configure_mlflow(experiment)
+    project_run_id = detach_project_run()
     client = MlflowClient()
     experiment_id = client.get_experiment_by_name(experiment).experiment_id
     parent_run_id = open_parent_run(client, experiment_id, preset)
+    if project_run_id:
+        client.set_tag(project_run_id, "study_parent_run_id", parent_run_id)
     children = existing_children(client, experiment_id, parent_run_id)
     result = StudyResult(parent_run_id=parent_run_id, total=len(configurations))
 
     try:
         for configuration in tqdm(configurations, desc=f"study {preset.name}", unit="config"):
-            _run_configuration(client, configuration, children.get(configuration.key, []), parent_run_id, task_functions, result)
+            run_configuration(client, configuration, children.get(configuration.key, []), parent_run_id, task_functions, result)
             logger.info("study %s: %s", preset.name, result.progress_line())
     except KeyboardInterrupt:
         client.set_terminated(parent_run_id, "KILLED")
@@ -197,12 +231,20 @@ def run_study(
     return result
 
 
-def _run_configuration(client, configuration: StudyConfiguration, runs: list, parent_run_id: str, task_functions, result: StudyResult) -> None:
+def run_configuration(
+    client, configuration: StudyConfiguration, runs: list, parent_run_id: str, task_functions, result: StudyResult
+) -> tuple[str, str | None]:
+    """Skip, resume or run one configuration given its earlier child runs; return ("skipped" | "done" | "failed", run id).
+
+    The outcome is also appended to ``result``. A failing task is logged and
+    reported as "failed"; KeyboardInterrupt passes through.
+    """
     action, resume_run_id = plan_action(client, runs)
     description = configuration.describe()
     if action == "skip":
         result.skipped.append(description)
-        return
+        finished = next((run.info.run_id for run in runs if run.info.status == "FINISHED"), None)
+        return "skipped", finished
 
     _mark_stale(client, [run for run in runs if run.info.run_id != resume_run_id])
     if resume_run_id:
@@ -217,10 +259,11 @@ def _run_configuration(client, configuration: StudyConfiguration, runs: list, pa
         # The task marked its run FAILED with the reason; the next configurations are independent, so the study goes on.
         logger.error("configuration %s failed: %s: %s", description, type(error).__name__, error)
         result.failed.append(description)
-        return
+        return "failed", None
 
     _tag_study_key(client, run_id, configuration)
     result.done.append(description)
+    return "done", run_id
 
 
 def _tag_study_key(client, run_id: str | None, configuration: StudyConfiguration) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -251,6 +251,7 @@ def run_classification(
     *,
     parent_run_id: str | None = None,
     resume_run_id: str | None = None,
+    epoch_callback: Callable[[int, Mapping[str, float]], None] | None = None,
 ) -> str:
     """Train and evaluate one classifier as one MLflow run; return the run id.
 
@@ -258,9 +259,10 @@ def run_classification(
     :mod:`granularity.training.classification_config`). With
     ``resume_run_id`` the run continues from its last checkpoint with its
     logged configuration; only device, loader workers and cache folder may
-    change. Raises UserError for invalid input, TrainingDivergedError for a
-    non-finite loss; KeyboardInterrupt passes through after the run is marked
-    KILLED.
+    change. ``epoch_callback(epoch, metrics)`` is called after every epoch
+    (see ``FitOptions.on_epoch_end``). Raises UserError for invalid input,
+    TrainingDivergedError for a non-finite loss; KeyboardInterrupt passes
+    through after the run is marked KILLED.
     """
     # Fail on an unreachable tracking server before reading any data.
     configure_mlflow(str(config.get("experiment") or DEFAULT_EXPERIMENT))
@@ -312,6 +314,7 @@ def run_classification(
             selection_metric=SELECTION_METRIC,
             early_stopping=config["early_stopping"],
             checkpoint_extra={"class_names": windows.class_names, "model": config["model"]},
+            on_epoch_end=epoch_callback,
         )
         result = fit(
             model,

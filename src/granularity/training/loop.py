@@ -86,6 +86,9 @@ class FitOptions:
         channels_last: channels-last model and inputs; None means on for CUDA only.
         progress: show tqdm bars for epochs and batches.
         checkpoint_extra: stored under ``extra`` in every checkpoint.
+        on_epoch_end: called as ``on_epoch_end(epoch, metrics)`` after each epoch's metrics
+            are logged and its checkpoints written. An exception it raises, such as a
+            sweep's ``optuna.TrialPruned``, stops training and passes through :func:`fit`.
     """
 
     epochs: int
@@ -98,6 +101,7 @@ class FitOptions:
     channels_last: bool | None = None
     progress: bool = True
     checkpoint_extra: dict[str, Any] = field(default_factory=dict)
+    on_epoch_end: Callable[[int, Mapping[str, float]], None] | None = None
 
     @property
     def use_mixed_precision(self) -> bool:
@@ -329,6 +333,10 @@ def fit(
         restore_random_states(checkpoint["random_states"], loader_generator)
         logger.info("resumed from %s after epoch %d of %d", resume_from, state.epoch, options.epochs)
 
+        # Only a tracker that skips steps it has logged (TrackedRun) can take the epoch again without a duplicate.
+        if tracker is not None and hasattr(tracker, "last_logged_step") and checkpoint.get("metrics"):
+            tracker.log_metrics(checkpoint["metrics"], step=state.epoch)
+
     history: list[dict[str, float]] = []
     stopped_early = False
     train_seconds = 0.0
@@ -352,8 +360,6 @@ def fit(
 
             val_metrics = _validate(model, val_loader, evaluate, options, epoch)
             metrics = {"train_loss": train_loss, **val_metrics, "train_images_per_second": images / max(train_time, 1e-9)}
-            if tracker is not None:
-                tracker.log_metrics(metrics, step=epoch)
             history.append(metrics)
 
             value = val_metrics[options.selection_metric]
@@ -364,8 +370,9 @@ def fit(
             else:
                 state.epochs_without_improvement += 1
 
-            # Metrics are logged before the checkpoint is written: an epoch repeated after a crash
-            # in between is then skipped by the tracker instead of leaving a gap.
+            # The checkpoints are written before anything goes to the tracking server, so a server that
+            # stops responding costs no training. The last checkpoint carries the epoch's metrics,
+            # which a resume logs again in case the server missed them.
             checkpoint = {
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
@@ -377,11 +384,16 @@ def fit(
                 "selection_metric": options.selection_metric,
                 "random_states": capture_random_states(loader_generator),
                 "extra": options.checkpoint_extra,
+                "metrics": metrics,
             }
             if improved:
                 save_checkpoint(best_path, {"model": checkpoint["model"], "epoch": epoch, "best_metric": value, "extra": options.checkpoint_extra})
-                _log_checkpoint(tracker, best_path)
             save_checkpoint(last_path, checkpoint)
+
+            if tracker is not None:
+                tracker.log_metrics(metrics, step=epoch)
+            if improved:
+                _log_checkpoint(tracker, best_path)
             _log_checkpoint(tracker, last_path)
 
             best_text = f"best {options.selection_metric} {state.best_metric:.4f} at epoch {state.best_epoch}"
@@ -395,6 +407,9 @@ def fit(
                 metrics["train_images_per_second"],
             )
             epochs_bar.set_postfix({options.selection_metric: f"{value:.4f}"}, refresh=False)
+
+            if options.on_epoch_end is not None:
+                options.on_epoch_end(epoch, dict(metrics))
 
             if options.early_stopping > 0 and state.epochs_without_improvement >= options.early_stopping:
                 logger.info("early stopping: %s did not improve for %d epochs", options.selection_metric, options.early_stopping)

@@ -15,7 +15,7 @@ import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import cv2
 import numpy as np
@@ -467,12 +467,20 @@ def _run_config(config: Mapping[str, Any], resume_run_id: str | None) -> dict[st
     return resolve_config(logged)
 
 
-def run_segmentation(config: Mapping[str, Any], *, parent_run_id: str | None = None, resume_run_id: str | None = None) -> str:
+def run_segmentation(
+    config: Mapping[str, Any],
+    *,
+    parent_run_id: str | None = None,
+    resume_run_id: str | None = None,
+    epoch_callback: Callable[[int, Mapping[str, float]], None] | None = None,
+) -> str:
     """Train and test one segmentation configuration in an MLflow run; return the run id.
 
     ``config`` contains the keys of ``DEFAULTS``. With ``resume_run_id`` the run's
     own logged configuration is used (execution options such as ``device``
     may change) and training continues after its last checkpoint.
+    ``epoch_callback(epoch, metrics)`` is called after every epoch (see
+    ``FitOptions.on_epoch_end``).
     """
     config = _run_config(config, resume_run_id)
     device = resolve_device(config["device"])
@@ -542,6 +550,7 @@ def run_segmentation(config: Mapping[str, Any], *, parent_run_id: str | None = N
             higher_is_better=True,
             early_stopping=config["early_stopping"],
             checkpoint_extra={"class_names": class_map.names, "granularity": granularity},
+            on_epoch_end=epoch_callback,
         )
         result = fit(
             model,
