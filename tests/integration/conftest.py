@@ -7,6 +7,8 @@
 for PostgreSQL, for fault tests. ``stack_tracking_uri`` is the per-test
 entry: it restarts whatever an earlier test left stopped, points
 ``MLFLOW_TRACKING_URI`` at the stack and runs the test in its own folder.
+``tiny_consep`` writes a small two-class dataset for training runs, and
+``bucket_keys`` lists the bucket with boto3.
 """
 
 from __future__ import annotations
@@ -69,3 +71,70 @@ def stack_tracking_uri(tracking_stack, tmp_path, monkeypatch) -> str:
 def basic_auth_server(tracking_stack) -> MlflowServer:
     """An MLflow server with the basic-auth app on the stack's database and bucket; its admin is ``.basic_auth``."""
     return tracking_stack.start_mlflow_server(basic_auth=BasicAuth())
+
+
+TINY_CLASS_MAP = """
+name: tiny
+classes:
+  - {name: pale, color: "#ffffff", severity: 0, tumour: false}
+  - {name: dark, color: "#ff0000", severity: 1, tumour: true}
+labels:
+  1: pale
+  2: dark
+"""
+TINY_REGIONS = 12
+TINY_SIDE = 64
+
+
+@pytest.fixture(scope="session")
+def tiny_consep(tmp_path_factory):
+    """Write a CoNSeP-layout dataset of 12 regions of 64 x 64 px and its class map; return (dataset, class map).
+
+    Each region has a 4 x 4 grid of round nuclei: pale ones (raw class 1) in
+    the top half and dark ones (raw class 2) in the bottom half, swapped in
+    odd regions. Every region then has both classes for the test metrics,
+    and 32 px windows at the top and bottom edges contain one class only.
+    """
+    import cv2
+    import numpy as np
+    import scipy.io
+
+    root = tmp_path_factory.mktemp("tiny-consep")
+    dataset = root / "tiny"
+    (dataset / "Images").mkdir(parents=True)
+    (dataset / "Labels").mkdir(parents=True)
+    generator = np.random.default_rng(0)
+    for index in range(TINY_REGIONS):
+        image = np.full((TINY_SIDE, TINY_SIDE, 3), (230, 180, 200), dtype=np.uint8)
+        instances = np.zeros((TINY_SIDE, TINY_SIDE), dtype=np.int32)
+        raw_classes = []
+        for cy in range(8, TINY_SIDE, 16):
+            for cx in range(8, TINY_SIDE, 16):
+                raw_classes.append(1 + (int(cy > TINY_SIDE // 2) + index) % 2)
+                cv2.circle(instances, (cx, cy), 4, len(raw_classes), thickness=-1)
+                image[instances == len(raw_classes)] = (150, 90, 160) if raw_classes[-1] == 1 else (40, 20, 90)
+        noise = generator.integers(-10, 10, size=image.shape)
+        image = np.clip(image.astype(np.int16) + noise, 0, 255).astype(np.uint8)
+
+        name = f"tile{index}_000"
+        cv2.imwrite(str(dataset / "Images" / f"{name}.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+        inst_type = np.array(raw_classes, dtype=np.int32).reshape(-1, 1)
+        scipy.io.savemat(dataset / "Labels" / f"{name}.mat", {"inst_map": instances, "inst_type": inst_type})
+
+    class_map = root / "tiny.yaml"
+    class_map.write_text(TINY_CLASS_MAP)
+    return dataset, class_map
+
+
+@pytest.fixture
+def bucket_keys(tracking_stack):
+    """Return a function that lists every object key in the stack's bucket under a prefix, read with boto3."""
+
+    def list_keys(prefix: str = "") -> list[str]:
+        keys = []
+        paginator = tracking_stack.s3_client().get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=tracking_stack.bucket, Prefix=prefix):
+            keys += [entry["Key"] for entry in page.get("Contents", [])]
+        return keys
+
+    return list_keys

@@ -22,7 +22,13 @@ What :func:`tracked_run` does:
   ``-dirty`` when tracked files changed) plus the task's
   own tags, and starts MLflow's system metrics;
 - ends the run FINISHED, FAILED with the tag ``failure_reason`` on any
-  exception, or KILLED on KeyboardInterrupt, and re-raises the exception.
+  exception, or KILLED on KeyboardInterrupt, and re-raises the exception;
+- when the tracking server stops responding mid-run (after MLflow's HTTP
+  retries, see :mod:`granularity.tracking.retry`), tries once to mark the
+  run KILLED, forgets it in this process, and raises
+  :class:`~granularity.tracking.retry.TrackingServerUnavailable`, which
+  names the server and the ``--resume`` to run once it is back. Local
+  checkpoints are never deleted here.
 
 :meth:`TrackedRun.log_metrics` drops every value whose step the run has
 logged already, so an epoch repeated after a resume is not logged twice.
@@ -47,6 +53,13 @@ from granularity.errors import UserError
 from granularity.tracking.keys import TAG_CONFIG_KEY, TAG_GIT_COMMIT, TAG_TASK, config_key
 from granularity.tracking.params import log_params_once
 from granularity.tracking.provenance import git_commit
+from granularity.tracking.retry import (
+    TrackingServerUnavailable,
+    failure_summary,
+    is_server_failure,
+    retry_settings,
+    single_attempt,
+)
 from granularity.tracking.uri import DEFAULT_EXPERIMENT, configure_mlflow
 
 logger = logging.getLogger(__name__)
@@ -57,6 +70,9 @@ CONFIG_ARTIFACT = "config.json"
 # MLflow 3 stores parameter values of up to 6000 characters.
 MAX_PARAM_LENGTH = 6000
 MAX_TAG_LENGTH = 5000
+
+# The classification task keeps each run's checkpoints in <working directory>/checkpoints/<run id>/.
+LOCAL_CHECKPOINT_ROOT = Path("checkpoints")
 
 def config_params(config: Mapping[str, Any]) -> dict[str, str]:
     """Return ``config`` as MLflow parameters: nested mappings flattened with dots, values as text."""
@@ -190,6 +206,66 @@ def _failure_reason(error: BaseException) -> str:
     return text[:MAX_TAG_LENGTH]
 
 
+def _call_server(call, quick: bool) -> BaseException | None:
+    """Run ``call``; return the server failure it raised, or None. Other exceptions propagate.
+
+    With ``quick`` the call gets one attempt, because the server has
+    already failed once and the full retries would only delay the exit.
+    """
+    try:
+        if quick:
+            with single_attempt():
+                call()
+        else:
+            call()
+    except Exception as error:
+        if not is_server_failure(error):
+            raise
+        return error
+    return None
+
+
+def _end_run(run: TrackedRun, status: str, reason: str | None, quick: bool = False) -> BaseException | None:
+    """Tag ``reason``, end the active run with ``status``, and return the server failure that stopped either.
+
+    ``mlflow.end_run`` removes the run from this process's active runs
+    before it contacts the server, so the run is ended locally even when the
+    server never hears of it and keeps showing it RUNNING.
+    """
+    def terminate() -> None:
+        # A study's parent run stays active below this one, so end_run must not pop it when this run is gone already.
+        active = mlflow.active_run()
+        if active is not None and active.info.run_id == run.run_id:
+            mlflow.end_run(status)
+        else:
+            run.client.set_terminated(run.run_id, status)
+
+    failure = None
+    if reason is not None:
+        failure = _call_server(lambda: run.client.set_tag(run.run_id, TAG_FAILURE_REASON, reason), quick)
+    end_failure = _call_server(terminate, quick or failure is not None)
+    return failure or end_failure
+
+
+def _server_unavailable(run: TrackedRun, uri: str, error: BaseException) -> TrackingServerUnavailable:
+    """End ``run`` as KILLED where one quick attempt still reaches the server; return the error to raise.
+
+    KILLED, not FAILED, because the run is resumable: the study runner
+    resumes KILLED runs that have checkpoints and reruns FAILED ones.
+    """
+    summary = failure_summary(error)
+    resume_hint = f"once the server is back, resume with --resume {run.run_id}"
+    if _end_run(run, RunStatus.to_string(RunStatus.KILLED), f"tracking server {uri} stopped responding ({summary}); {resume_hint}", quick=True):
+        logger.warning("run %s stays RUNNING on the tracking server, which cannot be reached to mark it KILLED", run.run_id)
+
+    checkpoint_dir = LOCAL_CHECKPOINT_ROOT / run.run_id
+    checkpoint_note = f"; its checkpoints in {checkpoint_dir} are kept" if checkpoint_dir.is_dir() else ""
+    return TrackingServerUnavailable(
+        f"tracking server {uri} stopped responding during run {run.run_id} ({summary}; gave up after "
+        f"{retry_settings()}){checkpoint_note}; {resume_hint}"
+    )
+
+
 @contextmanager
 def tracked_run(
     *,
@@ -221,13 +297,21 @@ def tracked_run(
 
     # A study keeps its parent run active in this process; MLflow then needs nested=True.
     nested = mlflow.active_run() is not None
-    active = mlflow.start_run(
-        run_id=resume_run_id,
-        run_name=None if resume_run_id else run_name,
-        nested=nested,
-        parent_run_id=None if resume_run_id else parent_run_id,
-        log_system_metrics=log_system_metrics,
-    )
+    try:
+        active = mlflow.start_run(
+            run_id=resume_run_id,
+            run_name=None if resume_run_id else run_name,
+            nested=nested,
+            parent_run_id=None if resume_run_id else parent_run_id,
+            log_system_metrics=log_system_metrics,
+        )
+    except Exception as error:
+        if not is_server_failure(error):
+            raise
+        raise TrackingServerUnavailable(
+            f"tracking server {uri} stopped responding while the run started ({failure_summary(error)}); "
+            "start the command again once the server is back"
+        ) from error
     run = TrackedRun(run_id=active.info.run_id, resumed=bool(resume_run_id), client=client)
     logger.info("%s MLflow run %s at %s", "resumed" if run.resumed else "started", run.run_id, uri)
 
@@ -247,14 +331,21 @@ def tracked_run(
         yield run
     except KeyboardInterrupt:
         logger.warning("run %s interrupted; marked KILLED, resume it with --resume %s", run.run_id, run.run_id)
-        client.set_tag(run.run_id, TAG_FAILURE_REASON, f"interrupted (KeyboardInterrupt); resume with --resume {run.run_id}")
-        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+        reason = f"interrupted (KeyboardInterrupt); resume with --resume {run.run_id}"
+        if _end_run(run, RunStatus.to_string(RunStatus.KILLED), reason):
+            logger.warning("run %s could not be marked KILLED: the tracking server %s does not respond", run.run_id, uri)
         raise
     except BaseException as error:
+        if is_server_failure(error):
+            raise _server_unavailable(run, uri, error) from error
         reason = _failure_reason(error)
         logger.error("run %s failed: %s", run.run_id, reason)
-        client.set_tag(run.run_id, TAG_FAILURE_REASON, reason)
-        mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
+        if _end_run(run, RunStatus.to_string(RunStatus.FAILED), reason):
+            logger.warning("run %s could not be marked FAILED: the tracking server %s does not respond", run.run_id, uri)
         raise
     else:
-        mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+        # NOTE: a server lost at this point has every result of the run but not its FINISHED status. The
+        # resume that the error message suggests evaluates the test windows again and logs a second model.
+        failure = _call_server(lambda: mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED)), quick=False)
+        if failure is not None:
+            raise _server_unavailable(run, uri, failure) from failure
