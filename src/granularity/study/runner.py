@@ -29,6 +29,7 @@ from granularity.errors import DatasetError
 from granularity.study.grid import StudyConfiguration, expand_grid
 from granularity.study.preset import Preset, load_preset
 from granularity.tracking.keys import TAG_CONFIG_KEY, TAG_STUDY, TAG_TASK, config_key
+from granularity.tracking.retry import TrackingServerUnavailable
 from granularity.tracking.search import PARENT_RUN_TAG, iter_runs
 
 logger = logging.getLogger(__name__)
@@ -220,15 +221,27 @@ def run_study(
             run_configuration(client, configuration, children.get(configuration.key, []), parent_run_id, task_functions, result)
             logger.info("study %s: %s", preset.name, result.progress_line())
     except KeyboardInterrupt:
-        client.set_terminated(parent_run_id, "KILLED")
+        _end_parent_run(client, parent_run_id, "KILLED")
         logger.warning("study %s interrupted: %s; run it again to continue", preset.name, result.progress_line())
         raise
     except BaseException:
-        client.set_terminated(parent_run_id, "FAILED")
+        _end_parent_run(client, parent_run_id, "FAILED")
         raise
 
-    client.set_terminated(parent_run_id, "FAILED" if result.failed else "FINISHED")
+    _end_parent_run(client, parent_run_id, "FAILED" if result.failed else "FINISHED")
     return result
+
+
+def _end_parent_run(client, parent_run_id: str, status: str) -> None:
+    """Set the parent run's final status; with the server down, log it and leave the run for the next study run."""
+    from granularity.tracking.retry import is_server_failure
+
+    try:
+        client.set_terminated(parent_run_id, status)
+    except Exception as error:
+        if not is_server_failure(error):
+            raise
+        logger.warning("could not mark study run %s %s: tracking server did not respond (%s)", parent_run_id, status, error)
 
 
 def run_configuration(
@@ -253,7 +266,8 @@ def run_configuration(
     function = task_functions[configuration.task]
     try:
         run_id = function(dict(configuration.config), parent_run_id=parent_run_id, resume_run_id=resume_run_id)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, TrackingServerUnavailable):
+        # Without the server every later configuration would fail the same way, so the study stops here.
         raise
     except Exception as error:
         # The task marked its run FAILED with the reason; the next configurations are independent, so the study goes on.
@@ -271,7 +285,8 @@ def _tag_study_key(client, run_id: str | None, configuration: StudyConfiguration
         return
     logged_key = client.get_run(run_id).data.tags.get(TAG_CONFIG_KEY)
     if logged_key != configuration.key:
-        logger.warning(
+        # The project's tasks hash their configuration after filling in defaults, so the keys differ on every run; not a fault.
+        logger.info(
             "run %s logged config_key %s, not %s as computed by the study; tagged %s so a rerun finds it",
             run_id, logged_key, configuration.key, TAG_STUDY_CONFIG_KEY,
         )

@@ -77,13 +77,10 @@ def best_logged_value(client, run_id: str, metric: str) -> float | None:
 
 
 def mark_pruned(client, run_id: str, epoch: int | None) -> None:
-    """End a pruned trial's run as KILLED with the ``pruned`` tags, in place of the FAILED status its task set."""
+    """Tag a pruned trial's run with the ``pruned`` tags and make sure it ended KILLED."""
     client.set_tag(run_id, TAG_PRUNED, "true")
     if epoch is not None:
         client.set_tag(run_id, TAG_PRUNED_EPOCH, str(epoch))
-    # The run context records every exception as a failure; a pruned trial did not fail.
-    if TAG_FAILURE_REASON in client.get_run(run_id).data.tags:
-        client.delete_tag(run_id, TAG_FAILURE_REASON)
     client.set_terminated(run_id, "KILLED")
 
 

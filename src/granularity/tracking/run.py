@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import mlflow
+import optuna
 import pandas as pd
 from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
@@ -333,6 +334,12 @@ def tracked_run(
         logger.warning("run %s interrupted; marked KILLED, resume it with --resume %s", run.run_id, run.run_id)
         reason = f"interrupted (KeyboardInterrupt); resume with --resume {run.run_id}"
         if _end_run(run, RunStatus.to_string(RunStatus.KILLED), reason):
+            logger.warning("run %s could not be marked KILLED: the tracking server %s does not respond", run.run_id, uri)
+        raise
+    except optuna.TrialPruned:
+        # A pruner stopping a sweep trial early is a decision, not a failure: the run ends KILLED with no reason tag.
+        logger.info("run %s stopped by the sweep's pruner", run.run_id)
+        if _end_run(run, RunStatus.to_string(RunStatus.KILLED), None):
             logger.warning("run %s could not be marked KILLED: the tracking server %s does not respond", run.run_id, uri)
         raise
     except BaseException as error:
