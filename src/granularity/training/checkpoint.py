@@ -36,6 +36,10 @@ LAST_CHECKPOINT = "last.pt"
 BEST_CHECKPOINT = "best.pt"
 CHECKPOINT_ARTIFACT_DIR = "checkpoints"
 
+# Checkpoints stay on local disk under checkpoints/<run id>/ in the working directory, so a run whose
+# tracking server went away keeps every finished epoch.
+CHECKPOINT_ROOT = Path("checkpoints")
+
 
 def capture_random_states(loader_generator: torch.Generator | None = None) -> dict[str, Any]:
     """Return the states of every random generator a training epoch draws from."""
@@ -100,3 +104,33 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if missing:
         raise UserError(f"{path} is not a training checkpoint (missing {missing}); pass a file written by granularity")
     return state
+
+
+def local_checkpoints(run_id: str, checkpoint_dir: Path) -> Path:
+    """Return the ``last.pt`` to resume ``run_id`` from, downloading the run's checkpoints when they are not on this disk.
+
+    ``best.pt`` is required too, because when no later epoch improves the loop keeps the earlier best.
+    """
+    last = checkpoint_dir / LAST_CHECKPOINT
+    if last.is_file() and (checkpoint_dir / BEST_CHECKPOINT).is_file():
+        return last
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    logger.info("checkpoints of run %s not in %s; downloading them from the tracking server", run_id, checkpoint_dir)
+    try:
+        downloaded = Path(
+            mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=CHECKPOINT_ARTIFACT_DIR, dst_path=str(checkpoint_dir.parent / f".{run_id}-download")
+            )
+        )
+    except (MlflowException, OSError) as error:
+        raise UserError(f"run {run_id} has no checkpoint to resume from ({error}); its first epoch never finished, start a new run") from error
+
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    for name in (LAST_CHECKPOINT, BEST_CHECKPOINT):
+        if not (downloaded / name).is_file():
+            raise UserError(f"run {run_id} has no {CHECKPOINT_ARTIFACT_DIR}/{name} artifact; its first epoch never finished, start a new run")
+        (downloaded / name).replace(checkpoint_dir / name)
+    return last

@@ -35,7 +35,7 @@ from granularity.models.classifiers import build_classifier, classifier_spec
 from granularity.tracking import keys
 from granularity.tracking.run import TrackedRun, load_run_config, tracked_run
 from granularity.tracking.uri import DEFAULT_EXPERIMENT, configure_mlflow
-from granularity.training.checkpoint import BEST_CHECKPOINT, CHECKPOINT_ARTIFACT_DIR, LAST_CHECKPOINT, load_checkpoint
+from granularity.training.checkpoint import CHECKPOINT_ROOT, load_checkpoint, local_checkpoints
 from granularity.training.classification_artifacts import confusion_matrix_figure, predictions_table
 from granularity.training.classification_config import resolve_classification_config
 from granularity.training.classification_data import ClassificationWindows, select_windows
@@ -48,7 +48,6 @@ logger = logging.getLogger(__name__)
 TASK = "classification"
 SELECTION_METRIC = "val_f1"
 STUDY_VARIANTS = 16
-CHECKPOINT_ROOT = Path("checkpoints")
 
 # Options a resumed run may change, because they do not change what it computes.
 RESUME_OVERRIDABLE = ("device", "num_workers", "cache_dir")
@@ -150,31 +149,6 @@ def _loaders(
             options.pop("persistent_workers", None)
         loaders[name] = DataLoader(dataset, batch_size=config["batch_size"], shuffle=name == "train", drop_last=False, **options)
     return loaders
-
-
-def _local_checkpoints(run: TrackedRun, checkpoint_dir: Path) -> Path:
-    """Return the ``last.pt`` to resume from, downloading the run's checkpoints when they are not on this disk."""
-    last = checkpoint_dir / LAST_CHECKPOINT
-    if last.is_file() and (checkpoint_dir / BEST_CHECKPOINT).is_file():
-        return last
-
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    logger.info("checkpoints of run %s not in %s; downloading them from the tracking server", run.run_id, checkpoint_dir)
-    try:
-        downloaded = Path(
-            mlflow.artifacts.download_artifacts(run_id=run.run_id, artifact_path=CHECKPOINT_ARTIFACT_DIR, dst_path=str(checkpoint_dir.parent / f".{run.run_id}-download"))
-        )
-    except (MlflowException, OSError) as error:
-        raise UserError(f"run {run.run_id} has no checkpoint to resume from ({error}); its first epoch never finished, start a new run") from error
-
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    for name in (LAST_CHECKPOINT, BEST_CHECKPOINT):
-        if not (downloaded / name).is_file():
-            raise UserError(f"run {run.run_id} has no {CHECKPOINT_ARTIFACT_DIR}/{name} artifact; its first epoch never finished, start a new run")
-        (downloaded / name).replace(checkpoint_dir / name)
-    return last
 
 
 def _log_data(run: TrackedRun, prepared: PreparedDataset, windows: ClassificationWindows, config: dict[str, Any]) -> None:
@@ -303,7 +277,7 @@ def run_classification(
         run_name=run_name,
     ) as run:
         checkpoint_dir = CHECKPOINT_ROOT / run.run_id
-        resume_from = _local_checkpoints(run, checkpoint_dir) if run.resumed else None
+        resume_from = local_checkpoints(run.run_id, checkpoint_dir) if run.resumed else None
         if not run.resumed:
             _log_data(run, prepared, windows, config)
 

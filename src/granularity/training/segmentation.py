@@ -43,7 +43,7 @@ from granularity.models.tiling import (
 from granularity.tracking import keys
 from granularity.tracking.run import TrackedRun, load_run_config, tracked_run
 from granularity.tracking.uri import DEFAULT_EXPERIMENT
-from granularity.training.checkpoint import CHECKPOINT_ARTIFACT_DIR, LAST_CHECKPOINT, load_checkpoint
+from granularity.training.checkpoint import CHECKPOINT_ROOT, load_checkpoint, local_checkpoints
 from granularity.training.device import loader_options, resolve_device, seed_everything
 from granularity.training.loop import FitOptions, fit
 
@@ -437,25 +437,6 @@ def region_table(prepared: PreparedDataset, split: RegionSplit, granularity: str
 # ----------------------------------------------------------------------------- the run
 
 
-def _download_checkpoints(run_id: str, folder: Path) -> Path:
-    """Download the run's ``checkpoints/`` (``last.pt`` and ``best.pt``) into ``folder``; return ``last.pt``.
-
-    ``best.pt`` is needed too: when no later epoch improves, the loop keeps the earlier best.
-    """
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    folder.mkdir(parents=True, exist_ok=True)
-    try:
-        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=CHECKPOINT_ARTIFACT_DIR, dst_path=str(folder.parent))
-    except (MlflowException, OSError) as error:
-        raise UserError(f"run {run_id} has no {CHECKPOINT_ARTIFACT_DIR}/ artifacts; it stopped before its first epoch ended, start a new run") from error
-    last = Path(local) / LAST_CHECKPOINT
-    if not last.is_file():
-        raise UserError(f"run {run_id} has no {CHECKPOINT_ARTIFACT_DIR}/{LAST_CHECKPOINT}; it stopped before its first epoch ended, start a new run")
-    return last
-
-
 def _run_config(config: Mapping[str, Any], resume_run_id: str | None) -> dict[str, Any]:
     """Return the configuration to run: the given one, or the resumed run's with the new execution options."""
     if not resume_run_id:
@@ -539,8 +520,8 @@ def run_segmentation(
                 digest=prepared.digest,
                 source=str(Path(config["dataset"]).resolve()),
             )
-        checkpoint_dir = scratch / CHECKPOINT_ARTIFACT_DIR
-        resume_from = _download_checkpoints(run.run_id, checkpoint_dir) if run.resumed else None
+        checkpoint_dir = CHECKPOINT_ROOT / run.run_id
+        resume_from = local_checkpoints(run.run_id, checkpoint_dir) if run.resumed else None
 
         fit_options = FitOptions(
             epochs=config["epochs"],
