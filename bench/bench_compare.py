@@ -6,18 +6,21 @@ Steps, in one process:
    ``classify`` and ``segment`` log (the study's grid, repeated over seeds),
    one ``MlflowClient.log_batch`` call per run.
 2. ``loop``: the plain reference. It fetches every run one by one with
-   ``MlflowClient.get_run`` (the run ids are known from step 1, so listing
-   them costs nothing here) and builds the same run table.
-3. ``compare``: the whole ``compare`` call: paged ``search_runs``, Tables
-   II to IV, improvement, published tables, Figs. 3 and 4, and the compare
+   ``MlflowClient.get_run``. The run ids are known from step 1, so listing
+   them costs nothing here. It builds the same run table as ``compare`` and
+   from it the same result tables (Tables II to IV and the improvement).
+3. ``compare``: the whole ``compare`` call: paged ``search_runs``, the same
+   tables, the published tables, all files, Figs. 3 and 4, and the compare
    run with its artifacts.
 
-The ratio compares ``loop`` with ``compare``; ``compare`` does more work
-(tables, figures and the logged run), so the ratio understates the reading
-speed-up. ``read`` times the paged reading alone.
+``compare`` does more than the loop (files, figures and the logged run), so
+``loop / compare`` understates the reading speed-up; ``read`` (the paged
+reading alone) and ``tables`` (building the tables alone) show the parts.
+Each step except ``log`` runs ``--repeat`` times in turn and the medians are
+reported.
 
 Usage:
-    .venv/bin/python bench/bench_compare.py [--runs 2000] [--store DIR] [--out bench/results/compare.json]
+    .venv/bin/python bench/bench_compare.py [--runs 2000] [--store DIR] [--repeat 3] [--out bench/results/compare.json]
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import json
 import logging
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -89,27 +93,46 @@ def log_runs(client, experiment_id: str, count: int, seed: int = 0) -> list[str]
     return run_ids
 
 
+def build_tables(runs):
+    """Build Tables II to IV and the improvement table from a run table, as ``compare`` does."""
+    from granularity.report.improvement import improvement_table
+    from granularity.report.tables import table2_classification, table3_class_accuracy, table4_segmentation
+
+    tables = [table2_classification(runs), table3_class_accuracy(runs), table4_segmentation(runs)]
+    return tables, improvement_table(runs)
+
+
 def plain_loop(client, run_ids: list[str]):
-    """Fetch every run with get_run and build the run table the simple way; return it."""
+    """Fetch every run with get_run, build the run table and the result tables; return (run table, tables, improvement)."""
+    from granularity.tracking.search import build_run_table
+
+    run_table = build_run_table(client.get_run(run_id) for run_id in run_ids)
+    tables, improvement = build_tables(run_table.runs)
+    return run_table, tables, improvement
+
+
+def same_tables(first: list, second: list) -> bool:
+    """Return True when two lists of ResultTable hold equal cells."""
     import pandas as pd
 
-    rows = []
-    for run_id in run_ids:
-        run = client.get_run(run_id)
-        tags = run.data.tags
-        rows.append({"run_id": run_id, "status": run.info.status, "task": tags.get("task"), "model": tags.get("model"), "granularity": tags.get("granularity"), "patch_size": tags.get("patch_size"), "seed": run.data.params.get("seed"), **run.data.metrics})
-    return pd.DataFrame(rows)
+    for a, b in zip(first, second):
+        try:
+            pd.testing.assert_frame_equal(a.cells, b.cells)
+        except AssertionError:
+            return False
+    return len(first) == len(second)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=2000, help="number of synthetic runs (default: %(default)s)")
-    parser.add_argument("--store", default=None, help="folder for the SQLite store and the report; an existing store is reused (default: a temporary folder)")
+    parser.add_argument("--store", default=None, help="folder for the SQLite store, its artifacts and the report; an existing store is reused (default: a temporary folder)")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds of the timed steps; medians are reported (default: %(default)s)")
     parser.add_argument("--out", default=str(PROJECT_ROOT / "bench" / "results" / "compare.json"), help="JSON file for the results")
     args = parser.parse_args()
 
-    logging.basicConfig(level=logging.WARNING)
-    folder = Path(args.store or tempfile.mkdtemp(prefix="bench-compare-"))
+    logging.basicConfig(level=logging.ERROR)
+    folder = Path(args.store or tempfile.mkdtemp(prefix="bench-compare-")).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     os.environ["MLFLOW_TRACKING_URI"] = uri
@@ -122,7 +145,8 @@ def main() -> int:
     client = MlflowClient(tracking_uri=uri)
     existing = client.get_experiment_by_name(EXPERIMENT)
     if existing is None:
-        experiment_id = client.create_experiment(EXPERIMENT)
+        # Artifacts go next to the store, not into ./mlruns of the working directory.
+        experiment_id = client.create_experiment(EXPERIMENT, artifact_location=(folder / "artifacts").as_uri())
         started = time.perf_counter()
         run_ids = log_runs(client, experiment_id, args.runs)
         log_s = time.perf_counter() - started
@@ -132,34 +156,48 @@ def main() -> int:
         run_ids = [run.info.run_id for run in client.search_runs([existing.experiment_id], "tags.task != 'compare'", max_results=50000)]
         log_s = float("nan")
         print(f"reusing {len(run_ids)} runs of {folder}", flush=True)
+    experiment_id = find_experiment_id(client, EXPERIMENT)
 
-    started = time.perf_counter()
-    loop_table = plain_loop(client, run_ids)
-    loop_s = time.perf_counter() - started
-    print(f"plain get_run loop: {loop_s:.2f} s", flush=True)
+    load_before = os.getloadavg()
+    timings: dict[str, list[float]] = {"loop": [], "read": [], "tables": [], "compare": []}
+    for _ in range(args.repeat):
+        started = time.perf_counter()
+        loop_table, loop_tables, _ = plain_loop(client, run_ids)
+        timings["loop"].append(time.perf_counter() - started)
 
-    started = time.perf_counter()
-    read_table = read_runs(client, find_experiment_id(client, EXPERIMENT))
-    read_s = time.perf_counter() - started
-    print(f"paged read alone: {read_s:.2f} s", flush=True)
+        started = time.perf_counter()
+        read_table = read_runs(client, experiment_id)
+        timings["read"].append(time.perf_counter() - started)
 
-    started = time.perf_counter()
-    result = compare(EXPERIMENT, folder / "report", client=client)
-    compare_s = time.perf_counter() - started
-    print(f"compare (tables, figures, logged run): {compare_s:.2f} s", flush=True)
+        started = time.perf_counter()
+        build_tables(read_table.runs)
+        timings["tables"].append(time.perf_counter() - started)
 
-    if len(loop_table) != len(read_table.runs) or len(result.run_table.runs) != len(run_ids):
-        print(f"run counts differ: loop {len(loop_table)}, read {len(read_table.runs)}, compare {len(result.run_table.runs)}", file=sys.stderr)
+        started = time.perf_counter()
+        result = compare(EXPERIMENT, folder / "report", client=client)
+        timings["compare"].append(time.perf_counter() - started)
+        print(", ".join(f"{name} {values[-1]:.2f} s" for name, values in timings.items()), flush=True)
+    load_after = os.getloadavg()
+
+    if len(loop_table.runs) != len(read_table.runs) or len(result.run_table.runs) != len(run_ids):
+        print(f"run counts differ: loop {len(loop_table.runs)}, read {len(read_table.runs)}, compare {len(result.run_table.runs)}", file=sys.stderr)
+        return 1
+    if not same_tables(loop_tables, result.tables):
+        print("the loop's tables differ from compare's", file=sys.stderr)
         return 1
 
+    medians = {name: statistics.median(values) for name, values in timings.items()}
     record = {
+        "date": time.strftime("%Y-%m-%d"),
         "runs": len(run_ids),
         "log_s": round(log_s, 2),
-        "loop_s": round(loop_s, 3),
-        "read_s": round(read_s, 3),
-        "compare_s": round(compare_s, 3),
-        "loop_over_compare": round(loop_s / compare_s, 2),
-        "loop_over_read": round(loop_s / read_s, 2),
+        "repeat": args.repeat,
+        **{f"{name}_s": round(value, 3) for name, value in medians.items()},
+        "all_s": {name: [round(value, 3) for value in values] for name, values in timings.items()},
+        "loop_over_compare": round(medians["loop"] / medians["compare"], 2),
+        "loop_over_read": round(medians["loop"] / medians["read"], 2),
+        "load_before": [round(value, 2) for value in load_before],
+        "load_after": [round(value, 2) for value in load_after],
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
         "machine": platform.machine(),

@@ -13,6 +13,7 @@ import math
 import cv2
 import numpy as np
 
+from granularity.data.granularity import FIT_RNG_SEED
 from granularity.data.region import Region
 
 
@@ -42,6 +43,8 @@ def nucleus_shapes(region: Region) -> list[dict]:
         if len(points) < 5:
             cx, cy, ew, eh, angle = inscribed
         else:
+            # The same seed as the package: OpenCV jitters nearly collinear points with its global RNG.
+            cv2.setRNGSeed(FIT_RNG_SEED)
             (cx, cy), (ew, eh), angle = cv2.fitEllipse(points)
             values = [cx, cy, ew, eh]
             if not all(math.isfinite(v) for v in values) or min(ew, eh) < 0.1 or max(ew, eh) > math.hypot(box_w, box_h) + 2:

@@ -18,9 +18,10 @@ Conventions:
   its external contours together, so its ellipse spans every piece.
 
 No step builds a full-region mask per nucleus, because a region can hold
-hundreds of nuclei. Contours are traced on the crop of each nucleus's box,
-all ellipses of a region are rasterised together row by row, and overlaps
-are resolved from the list of covered pixels.
+hundreds of nuclei. Contours are traced once per colour of a colouring in
+which no two touching nuclei share a colour (on its crop for a nucleus of
+several pieces), all ellipses of a region are rasterised together row by
+row, and overlaps are resolved from the list of covered pixels.
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ MIN_AXIS_PX = 0.1
 
 # A fitted axis longer than the box diagonal plus this slack is a failed fit.
 AXIS_SLACK_PX = 2.0
+
+# Seed of OpenCV's RNG before every ellipse fit; see _ellipse_from_points.
+FIT_RNG_SEED = 0
 
 # Half a pixel added to both semi-axes when rasterising; see the module docstring.
 RASTER_MARGIN_PX = 0.5
@@ -94,6 +98,9 @@ class GranularityMaps:
         ellipses: N x 5 float64 (cx, cy, width, height, angle) of each
             nucleus's ellipse before rasterising, aligned with
             ``nucleus_ids``; see ``Ellipse`` for the convention.
+        fit_kinds: N int8, how each ellipse was obtained, as an index into
+            ``FIT_KINDS`` ("fit", "tiny", "degenerate"), aligned with
+            ``nucleus_ids``.
     """
 
     instance_maps: dict[str, np.ndarray]
@@ -110,6 +117,7 @@ class GranularityMaps:
     tiny_fallbacks: int = 0
     degenerate_fallbacks: int = 0
     ellipses: np.ndarray | None = None
+    fit_kinds: np.ndarray | None = None
 
     def complete(self, granularity: str) -> np.ndarray:
         """Return N bool: the nuclei whose shape at ``granularity`` is whole inside the region."""
@@ -158,15 +166,41 @@ def fit_ellipse(mask: np.ndarray, x: int, y: int) -> tuple[Ellipse, str]:
     h, w = mask.shape
     contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
     points = contours[0] if len(contours) == 1 else np.concatenate(contours)
-    if len(points) < MIN_CONTOUR_POINTS:
-        return inscribed_ellipse(x, y, w, h), "tiny"
+    cx, cy, axis_w, axis_h, angle, kind = _ellipse_from_points(points, x, y, w, h)
+    return Ellipse(cx=cx, cy=cy, width=axis_w, height=axis_h, angle=angle), FIT_KINDS[kind]
 
+
+# Origins of an ellipse, indexed by the codes in ``GranularityMaps.fit_kinds``: a fit, or the inscribed
+# fallback for a contour of fewer than 5 points or a degenerate fit.
+FIT_KINDS = ("fit", "tiny", "degenerate")
+_FIT, _TINY, _DEGENERATE = 0, 1, 2
+
+
+def _ellipse_from_points(points: np.ndarray, x: int, y: int, w: int, h: int) -> tuple[float, float, float, float, float, int]:
+    """Fit an ellipse to contour points given relative to the box at (x, y) of w x h pixels.
+
+    Returns (cx, cy, width, height, angle) in region coordinates and the
+    index of the kind in ``FIT_KINDS``, with the same rules as ``fit_ellipse``.
+    """
+    if len(points) < MIN_CONTOUR_POINTS:
+        return x + (w - 1) / 2.0, y + (h - 1) / 2.0, float(w - 1), float(h - 1), 0.0, _TINY
+
+    # For nearly collinear points, cv2.fitEllipse (OpenCV 5.1) jitters them with
+    # the thread's global RNG, so without a fixed seed such a nucleus gets a
+    # different ellipse on every call. Seeding before each fit makes the
+    # ellipse a function of the points alone, whatever ran before.
+    cv2.setRNGSeed(FIT_RNG_SEED)
     (cx, cy), (axis_w, axis_h), angle = cv2.fitEllipse(points)
     longest_allowed = math.hypot(w, h) + AXIS_SLACK_PX
-    axes_finite = math.isfinite(axis_w) and math.isfinite(axis_h) and math.isfinite(cx) and math.isfinite(cy)
-    if not axes_finite or min(axis_w, axis_h) < MIN_AXIS_PX or max(axis_w, axis_h) > longest_allowed:
-        return inscribed_ellipse(x, y, w, h), "degenerate"
-    return Ellipse(cx=cx + x, cy=cy + y, width=axis_w, height=axis_h, angle=angle), "fit"
+    # Every comparison with NaN is False, so a NaN axis or centre fails these tests too.
+    if (
+        MIN_AXIS_PX <= axis_w <= longest_allowed
+        and MIN_AXIS_PX <= axis_h <= longest_allowed
+        and abs(cx) < math.inf
+        and abs(cy) < math.inf
+    ):
+        return cx + x, cy + y, axis_w, axis_h, angle, _FIT
+    return x + (w - 1) / 2.0, y + (h - 1) / 2.0, float(w - 1), float(h - 1), 0.0, _DEGENERATE
 
 
 def _expand_runs(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -312,7 +346,13 @@ def _paint_boxes(labels, boxes, present, paint_order) -> np.ndarray:
     return painted
 
 
-def derive_granularities(region: Region, class_map: ClassMap) -> GranularityMaps:
+def derive_granularities(
+    region: Region,
+    class_map: ClassMap,
+    ellipses: np.ndarray | None = None,
+    fit_kinds: np.ndarray | None = None,
+    class_unions: bool = True,
+) -> GranularityMaps:
     """Derive the ellipse and box annotations of a region and rasterise all three granularities.
 
     Overlaps are resolved per pixel. The nucleus whose own outline covers the
@@ -320,54 +360,69 @@ def derive_granularities(region: Region, class_map: ClassMap) -> GranularityMaps
     severities), then the smaller nucleus by outline area, then the smaller
     id. The ``pw`` instance map equals ``region.instances``.
 
+    Args:
+        region: the region to convert.
+        class_map: the class map whose severities resolve overlaps.
+        ellipses, fit_kinds: the ``ellipses`` and ``fit_kinds`` of maps derived
+            earlier from the same region. Given both, contours are neither
+            traced nor fitted again, so a cache can store them in place of
+            the maps.
+        class_unions: False leaves ``class_union`` empty, which saves time and
+            memory when no windows are labelled from these maps.
+
     Raises:
         DatasetError: the instance map is not 2-D, holds negative ids, or an
             id has no valid class in ``region.classes``.
+        ValueError: ``ellipses`` or ``fit_kinds`` do not have one row per nucleus.
     """
     source = region.source or region.name
     shape = region.shape
     height, width = shape
     labels, label_ids = _compact_labels(region.instances, source)
 
-    # find_objects returns each label's tight bounding box, the same upright
-    # box as cv2.boundingRect of the nucleus's pixels.
-    slices = ndimage.find_objects(labels)
-    present = np.array([i + 1 for i, s in enumerate(slices) if s is not None], dtype=np.int32)
+    max_label = int(labels.max(initial=0))
+    # Labels below 256 fit in uint8, for which OpenCV's table lookups are several times faster than numpy's.
+    labels_u8 = labels.astype(np.uint8) if max_label < 256 else None
+    traced = ellipses is None or fit_kinds is None
+    if traced:
+        present, box_rows, contours = _trace_outlines(labels, labels_u8)
+    else:
+        present, box_rows = _nucleus_boxes(labels)
     count = len(present)
     nucleus_ids = present if label_ids is None else label_ids[present]
+    boxes = np.array(box_rows, dtype=np.int64).reshape(count, 4)
+    flat_labels = labels.ravel()
+    areas = np.bincount(flat_labels[flat_labels != 0], minlength=max_label + 1)[present].astype(np.int64)
 
     severities = np.asarray(class_map.severities, dtype=np.int64)
     num_classes = class_map.num_classes
     nucleus_classes = _nucleus_classes(region, nucleus_ids, num_classes, class_map.path, source)
 
-    # Per nucleus, on its bounding-box crop: box, outline area and fitted ellipse.
-    box_rows, area_list, ellipse_rows, fit_kinds = [], [], [], []
-    for label in present.tolist():
-        rows, cols = slices[label - 1]
-        box_rows.append((cols.start, rows.start, cols.stop - 1, rows.stop - 1))
-        crop = (labels[rows, cols] == label).view(np.uint8)
-        area_list.append(cv2.countNonZero(crop))
-        ellipse, kind = fit_ellipse(crop, cols.start, rows.start)
-        ellipse_rows.append((ellipse.cx, ellipse.cy, ellipse.width, ellipse.height, ellipse.angle))
-        fit_kinds.append(kind)
-    boxes = np.array(box_rows, dtype=np.int64).reshape(count, 4)
-    areas = np.array(area_list, dtype=np.int64)
-    ellipses = np.array(ellipse_rows, dtype=np.float64).reshape(count, 5)
+    if traced:
+        ellipses, kinds = _fit_ellipses(labels, present, box_rows, contours)
+    else:
+        ellipses = np.array(ellipses, dtype=np.float64)
+        kinds = np.array(fit_kinds, dtype=np.int8)
+        if ellipses.shape != (count, 5) or kinds.shape != (count,):
+            raise ValueError(
+                f"{source}: {len(ellipses)} ellipses and {len(kinds)} fit kinds given for {count} nuclei; "
+                "pass the ellipses and fit_kinds of maps derived from this region"
+            )
 
     el_index, el_pixels, covered, el_clipped = rasterise_ellipses(ellipses, shape)
     empty_fits = np.flatnonzero(covered == 0)
     if empty_fits.size:
         # A fit so thin that it covers no pixel centre counts as degenerate too.
         for n in empty_fits.tolist():
-            x0, y0, x1, y1 = boxes[n].tolist()
+            x0, y0, x1, y1 = box_rows[n]
             ellipse = inscribed_ellipse(x0, y0, x1 - x0 + 1, y1 - y0 + 1)
             ellipses[n] = (ellipse.cx, ellipse.cy, ellipse.width, ellipse.height, ellipse.angle)
-            fit_kinds[n] = "degenerate"
+            kinds[n] = _DEGENERATE
         el_index, el_pixels, covered, el_clipped = rasterise_ellipses(ellipses, shape)
 
-    tiny = fit_kinds.count("tiny")
-    degenerate = fit_kinds.count("degenerate")
-    fallback_ids = [int(nucleus_ids[n]) for n in range(count) if fit_kinds[n] != "fit"]
+    tiny = int(np.count_nonzero(kinds == _TINY))
+    degenerate = int(np.count_nonzero(kinds == _DEGENERATE))
+    fallback_ids = nucleus_ids[kinds != _FIT].tolist()
     if fallback_ids:
         logger.debug(
             "region %s: %d nuclei, %d ellipse fallbacks (%d with fewer than %d contour points, %d degenerate fits)",
@@ -383,19 +438,21 @@ def derive_granularities(region: Region, class_map: ClassMap) -> GranularityMaps
     el_labels = _resolve_overlaps(el_index, el_pixels, labels.ravel(), present, rank).reshape(shape)
     bd_labels = _paint_boxes(labels, boxes, present, paint_order)
 
-    class_lookup = np.zeros(int(labels.max(initial=0)) + 1, dtype=np.uint8)
+    class_lookup = np.zeros(max(max_label + 1, 256), dtype=np.uint8)
     class_lookup[present] = nucleus_classes + 1
-    pw_classes = class_lookup[labels]
+    pw_classes = _lookup(class_lookup, labels, labels_u8)
 
     instance_maps = {"pw": region.instances.astype(np.int32, copy=True)}
     for granularity, label_map in (("el", el_labels), ("bd", bd_labels)):
         instance_maps[granularity] = label_map if label_ids is None else label_ids[label_map]
 
-    class_union = {
-        "pw": _pixel_union(pw_classes, num_classes),
-        "el": _ellipse_union(el_index, el_pixels, nucleus_classes, num_classes, shape),
-        "bd": _box_union(boxes, nucleus_classes, num_classes, shape),
-    }
+    class_union = {}
+    if class_unions:
+        class_union = {
+            "pw": _pixel_union(pw_classes, num_classes),
+            "el": _ellipse_union(el_index, el_pixels, nucleus_classes, num_classes, shape),
+            "bd": _box_union(boxes, nucleus_classes, num_classes, shape),
+        }
 
     boxes = boxes.astype(np.int32)
     cut = (boxes[:, 0] == 0) | (boxes[:, 1] == 0) | (boxes[:, 2] == width - 1) | (boxes[:, 3] == height - 1)
@@ -403,7 +460,7 @@ def derive_granularities(region: Region, class_map: ClassMap) -> GranularityMaps
 
     return GranularityMaps(
         instance_maps=instance_maps,
-        class_maps={"pw": pw_classes, "el": class_lookup[el_labels], "bd": class_lookup[bd_labels]},
+        class_maps={"pw": pw_classes, "el": _lookup(class_lookup, el_labels), "bd": _lookup(class_lookup, bd_labels)},
         class_union=class_union,
         nucleus_ids=nucleus_ids.astype(np.int32),
         nucleus_classes=nucleus_classes,
@@ -416,7 +473,154 @@ def derive_granularities(region: Region, class_map: ClassMap) -> GranularityMaps
         tiny_fallbacks=tiny,
         degenerate_fallbacks=degenerate,
         ellipses=ellipses,
+        fit_kinds=kinds,
     )
+
+
+def _lookup(table: np.ndarray, labels: np.ndarray, labels_u8: np.ndarray | None = None) -> np.ndarray:
+    """Return ``table[labels]`` as uint8; ``table`` has at least 256 entries and ``labels_u8`` is ``labels`` as uint8 or None."""
+    if labels_u8 is None and int(labels.max(initial=0)) < 256:
+        labels_u8 = labels.astype(np.uint8)
+    if labels_u8 is not None:
+        return cv2.LUT(labels_u8, table[:256])
+    return np.take(table, labels)
+
+
+def _nucleus_boxes(labels: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
+    """Return the labels present, sorted, and the inclusive (x0, y0, x1, y1) box of each."""
+    # find_objects returns each label's tight bounding box, the same upright
+    # box as cv2.boundingRect of the nucleus's pixels.
+    slices = ndimage.find_objects(labels)
+    box_rows = [(cols.start, rows.start, cols.stop - 1, rows.stop - 1) for rows, cols in filter(None, slices)]
+    present = np.array([i + 1 for i, s in enumerate(slices) if s is not None], dtype=np.int32)
+    return present, box_rows
+
+
+def _trace_outlines(
+    labels: np.ndarray, labels_u8: np.ndarray | None
+) -> tuple[np.ndarray, list[tuple[int, int, int, int]], list[np.ndarray | None]]:
+    """Trace the outer contour of every nucleus; return the labels present, their boxes and their contours.
+
+    Tracing every nucleus on its own crop costs one ``cv2.findContours`` call
+    per nucleus. Instead, nuclei get colours so that no two touching ones
+    (8-connected) share a colour, and each colour is traced once over the
+    whole region. The outer border of a piece depends only on the piece's
+    own pixels, so it equals the contour traced on its crop, point for point,
+    and its bounding rectangle is the piece's box.
+
+    Returns:
+        The sorted labels present, the inclusive (x0, y0, x1, y1) box of each
+        and its outer contour in region coordinates. The contour is None for
+        a nucleus of several pieces, because the order of its pieces may
+        differ from the crop's, so it is traced on its crop.
+    """
+    max_label = int(labels.max(initial=0))
+    colour_lookup = _touching_colours(labels)
+    if labels_u8 is not None:
+        table = np.full(256, 255, dtype=np.uint8)
+        table[1 : max_label + 1] = colour_lookup[1:]
+        colours = cv2.LUT(labels_u8, table)
+    else:
+        colours = colour_lookup[labels]
+
+    pieces = [0] * (max_label + 1)
+    contours: list[np.ndarray | None] = [None] * (max_label + 1)
+    rects: list[tuple[int, int, int, int] | None] = [None] * (max_label + 1)
+    for colour in range(int(colour_lookup.max(initial=0)) + 1):
+        # RETR_CCOMP puts every piece's outer border at the top level (parent -1),
+        # also a piece lying in a hole of another nucleus, which RETR_EXTERNAL drops.
+        found, hierarchy = cv2.findContours((colours == colour).view(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)
+        if not found:
+            continue
+        for contour, parent in zip(found, hierarchy[0, :, 3].tolist()):
+            if parent != -1:
+                continue
+            x, y = contour[0, 0].tolist()
+            label = int(labels[y, x])
+            left, top, w, h = cv2.boundingRect(contour)
+            rect = (left, top, left + w - 1, top + h - 1)
+            if pieces[label]:
+                contours[label] = None
+                old = rects[label]
+                rect = (min(old[0], rect[0]), min(old[1], rect[1]), max(old[2], rect[2]), max(old[3], rect[3]))
+            else:
+                contours[label] = contour
+            pieces[label] += 1
+            rects[label] = rect
+
+    present = [label for label in range(1, max_label + 1) if pieces[label]]
+    return (
+        np.array(present, dtype=np.int32),
+        [rects[label] for label in present],
+        [contours[label] for label in present],
+    )
+
+
+def _fit_ellipses(
+    labels: np.ndarray, present: np.ndarray, box_rows: list[tuple[int, int, int, int]], contours: list[np.ndarray | None]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fit the ellipse of every nucleus; return N x 5 (cx, cy, width, height, angle) and N int8 fit kinds.
+
+    Each nucleus is fitted to its outer contour in the coordinates of its
+    bounding-box crop, exactly as ``fit_ellipse`` does, so the results do not
+    depend on where the contour was traced.
+    """
+    rows = []
+    for label, (x0, y0, x1, y1), points in zip(present.tolist(), box_rows, contours):
+        if points is None:
+            crop = (labels[y0 : y1 + 1, x0 : x1 + 1] == label).view(np.uint8)
+            found, _ = cv2.findContours(crop, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+            points = found[0] if len(found) == 1 else np.concatenate(found)
+        else:
+            points -= np.array((x0, y0), dtype=points.dtype)
+        rows.append(_ellipse_from_points(points, x0, y0, x1 - x0 + 1, y1 - y0 + 1))
+    ellipses = np.array([row[:5] for row in rows], dtype=np.float64).reshape(len(rows), 5)
+    kinds = np.array([row[5] for row in rows], dtype=np.int8)
+    return ellipses, kinds
+
+
+def _touching_colours(labels: np.ndarray) -> np.ndarray:
+    """Return a colour per label (-1 for background) that no two 8-connected touching nuclei share.
+
+    Colours are chosen greedily in label order, so a nucleus with d touching
+    neighbours gets a colour of at most d.
+    """
+    max_label = int(labels.max(initial=0))
+    width = labels.shape[1]
+    flat = labels.ravel()
+    foreground = flat != 0
+
+    # Neighbours along the flat array: right, down, down-right and down-left.
+    # Shifts by 1, W + 1 and W - 1 also pair the last pixel of a row with a
+    # pixel of the next row, which only adds edges and so keeps every colour valid.
+    keys = []
+    for shift in (1, width, width + 1, width - 1):
+        if shift <= 0 or shift >= flat.size:
+            continue
+        first, second = flat[:-shift], flat[shift:]
+        index = np.flatnonzero((first != second) & foreground[:-shift] & foreground[shift:])
+        a, b = first[index].astype(np.int64), second[index].astype(np.int64)
+        keys.append(np.minimum(a, b) * (max_label + 1) + np.maximum(a, b))
+
+    colour = np.zeros(max_label + 1, dtype=np.int32)
+    colour[0] = -1
+    edges = np.unique(np.concatenate(keys)) if keys else np.zeros(0, dtype=np.int64)
+    if edges.size == 0:
+        return colour
+
+    neighbours: dict[int, list[int]] = {}
+    for low, high in zip((edges // (max_label + 1)).tolist(), (edges % (max_label + 1)).tolist()):
+        neighbours.setdefault(low, []).append(high)
+        neighbours.setdefault(high, []).append(low)
+    chosen: dict[int, int] = {}
+    for label in sorted(neighbours):
+        taken = {chosen[n] for n in neighbours[label] if n in chosen}
+        value = 0
+        while value in taken:
+            value += 1
+        chosen[label] = value
+    colour[list(chosen)] = list(chosen.values())
+    return colour
 
 
 def _pixel_union(class_mask: np.ndarray, num_classes: int) -> np.ndarray:
@@ -446,21 +650,25 @@ def _box_union(boxes, shape_classes, num_classes, shape) -> np.ndarray:
 def _shape_extents(shape_index, pixel_index, count, width, origins) -> np.ndarray:
     """Return N x 4 inclusive (x0, y0, x1, y1) of each shape's pixels.
 
-    A shape without pixels gets (x, y, x - 1, y - 1) at its row of ``origins``.
+    ``shape_index`` must be sorted and each shape's pixels in raster order,
+    as ``rasterise_ellipses`` returns them, so every shape is one slice whose
+    first and last pixels are its top and bottom rows. A shape without
+    pixels gets (x, y, x - 1, y - 1) at its row of ``origins``.
     """
-    x = pixel_index % width
-    y = pixel_index // width
     extents = np.empty((count, 4), dtype=np.int64)
-    extents[:, 0:2] = np.iinfo(np.int64).max
-    extents[:, 2:4] = -1
-    np.minimum.at(extents[:, 0], shape_index, x)
-    np.minimum.at(extents[:, 1], shape_index, y)
-    np.maximum.at(extents[:, 2], shape_index, x)
-    np.maximum.at(extents[:, 3], shape_index, y)
+    extents[:, 0:2] = origins
+    extents[:, 2:4] = origins - 1
 
-    empty = extents[:, 2] < 0
-    extents[empty, 0:2] = origins[empty]
-    extents[empty, 2:4] = origins[empty] - 1
+    sizes = np.bincount(shape_index, minlength=count)
+    filled = np.flatnonzero(sizes)
+    if filled.size:
+        first = (np.cumsum(sizes) - sizes)[filled]
+        last = first + sizes[filled] - 1
+        x = pixel_index % width
+        extents[filled, 0] = np.minimum.reduceat(x, first)
+        extents[filled, 2] = np.maximum.reduceat(x, first)
+        extents[filled, 1] = pixel_index[first] // width
+        extents[filled, 3] = pixel_index[last] // width
     return extents.astype(np.int32)
 
 

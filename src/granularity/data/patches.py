@@ -64,10 +64,14 @@ def class_integrals(maps: GranularityMaps, granularity: str) -> np.ndarray:
     union = _union(maps, granularity)
     classes, height, width = union.shape
     integrals = np.empty((classes, height + 1, width + 1), dtype=np.int32)
-    for class_index in range(classes):
+    _write_integrals(union, integrals)
+    return integrals
+
+
+def _write_integrals(union: np.ndarray, integrals: np.ndarray) -> None:
+    for class_index in range(union.shape[0]):
         # cv2.integral writes into the preallocated slice, which saves a copy per class.
         cv2.integral(union[class_index].view(np.uint8), sum=integrals[class_index], sdepth=cv2.CV_32S)
-    return integrals
 
 
 def window_labels(
@@ -83,42 +87,99 @@ def window_labels(
     This is the fast form of ``label_windows``, without building a DataFrame.
     ``region_shape``, when given, must equal the maps' shape. ``integrals``
     may hold the result of ``class_integrals`` for this region and
-    granularity, so that several patch sizes share it.
+    granularity, so that several patch sizes share it; ``region_windows``
+    shares them across granularities too.
     """
     stride = resolve_stride(patch_size, stride)
     union = _union(maps, granularity)
     height, width = union.shape[1:]
     if region_shape is not None and tuple(region_shape) != (height, width):
         raise ValueError(f"region shape {tuple(region_shape)} differs from the maps' shape {(height, width)}")
-    xs = window_positions(width, patch_size, stride)
-    ys = window_positions(height, patch_size, stride)
-    empty = np.zeros(0, dtype=np.int64)
-    if xs.size == 0 or ys.size == 0:
-        return WindowLabels(empty, empty, empty)
-
-    keep = _complete_counts(maps, granularity, patch_size, stride, len(xs), len(ys)) > 0
-    if not keep.any():
-        return WindowLabels(empty, empty, empty)
-
-    # Pixels of each class inside each window, from the integral images (K x ny x nx).
     if integrals is None:
         integrals = class_integrals(maps, granularity)
-    row0, col0 = ys[:, None], xs[None, :]
-    row1, col1 = row0 + patch_size, col0 + patch_size
-    covered = (
-        integrals[:, row1, col1] - integrals[:, row0, col1] - integrals[:, row1, col0] + integrals[:, row0, col0]
-    ) > 0
+    return _label_grid(maps, integrals[None], _complete_boxes(maps, [granularity]), patch_size, stride)[0]
 
-    # Walk the classes from least to most severe, so the most severe present one is written last.
+
+def region_windows(
+    maps: GranularityMaps,
+    patch_sizes: Iterable[int] = (32, 64, 128),
+    granularities: Iterable[str] = GRANULARITIES,
+    stride: int | None = None,
+) -> dict[tuple[int, str], WindowLabels]:
+    """Label the windows of one region for every patch size and granularity.
+
+    The result equals ``window_labels`` for each pair. The integral images of
+    every granularity are computed once, and each patch size is labelled for
+    all granularities together, which saves most of the per-call work.
+    """
+    patch_sizes = list(patch_sizes)
+    granularities = list(granularities)
+    strides = [resolve_stride(patch_size, stride) for patch_size in patch_sizes]
+    unions = [_union(maps, granularity) for granularity in granularities]
+    if not unions or not patch_sizes:
+        return {}
+
+    num_classes, height, width = unions[0].shape
+    integrals = np.empty((len(unions), num_classes, height + 1, width + 1), dtype=np.int32)
+    for index, union in enumerate(unions):
+        _write_integrals(union, integrals[index])
+
+    boxes = _complete_boxes(maps, granularities)
+    result = {}
+    for patch_size, patch_stride in zip(patch_sizes, strides):
+        labelled = _label_grid(maps, integrals, boxes, patch_size, patch_stride)
+        result.update({(patch_size, granularity): windows for granularity, windows in zip(granularities, labelled)})
+    return result
+
+
+def _label_grid(
+    maps: GranularityMaps, integrals: np.ndarray, boxes: np.ndarray, patch_size: int, stride: int
+) -> list[WindowLabels]:
+    """Label one patch size for G granularities.
+
+    Args:
+        maps: the region's maps, for the class severities.
+        integrals: G x K x (H + 1) x (W + 1) integral images, see ``class_integrals``.
+        boxes: G x N x 4 boxes from ``_complete_boxes``.
+        patch_size, stride: the window grid.
+    """
+    count = integrals.shape[0]
+    height, width = integrals.shape[2] - 1, integrals.shape[3] - 1
+    xs = window_positions(width, patch_size, stride)
+    ys = window_positions(height, patch_size, stride)
+    empty = WindowLabels(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+    if xs.size == 0 or ys.size == 0:
+        return [empty] * count
+
+    keep = _complete_counts(boxes, patch_size, xs, ys) > 0
+    if not keep.any():
+        return [empty] * count
     if maps.class_severities is None:
         raise ValueError("the maps hold no class severities; rebuild them with derive_granularities")
-    label = np.full(keep.shape, -1, dtype=np.int64)
-    for class_index in severity_order(maps.class_severities).tolist():
-        label[covered[class_index]] = class_index
+
+    # Pixels of each class inside each window (G x K x ny x nx). Window (iy, ix)
+    # spans integral rows ys[iy] .. ys[iy] + patch_size, so strided slices of
+    # the integral images give all four corners without copying.
+    last_y, last_x = int(ys[-1]), int(xs[-1])
+    top, bottom = slice(0, last_y + 1, stride), slice(patch_size, last_y + patch_size + 1, stride)
+    left, right = slice(0, last_x + 1, stride), slice(patch_size, last_x + patch_size + 1, stride)
+    counts = integrals[:, :, bottom, right] - integrals[:, :, top, right]
+    counts -= integrals[:, :, bottom, left]
+    counts += integrals[:, :, top, left]
+    covered = counts > 0
+
+    # The label is the most severe class present: the first True along the
+    # classes ordered from most to least severe.
+    most_severe_first = severity_order(maps.class_severities)[::-1]
+    by_severity = covered[:, most_severe_first]
+    label = np.where(by_severity.any(axis=1), most_severe_first[by_severity.argmax(axis=1)], -1)
 
     # A complete shape covers its own window, so every kept window has a label.
-    iy, ix = np.nonzero(keep)
-    return WindowLabels(x=xs[ix], y=ys[iy], label=label[iy, ix])
+    result = []
+    for index in range(count):
+        iy, ix = np.nonzero(keep[index])
+        result.append(WindowLabels(x=xs[ix], y=ys[iy], label=label[index, iy, ix].astype(np.int64)))
+    return result
 
 
 def label_windows(
@@ -162,28 +223,37 @@ def label_all_windows(
     granularities = list(granularities)
     for patch_size in patch_sizes:
         resolve_stride(patch_size, stride)
-    parts: dict[tuple[int, str], list[tuple[int, WindowLabels]]] = {(s, g): [] for s in patch_sizes for g in granularities}
+    per_region = [
+        region_windows(region_maps, patch_sizes, granularities, stride)
+        for region_maps in tqdm(maps, desc="labelling windows", unit="region", disable=not progress)
+    ]
+    return windows_table(per_region, patch_sizes, granularities)
 
-    for region_index, region_maps in enumerate(tqdm(maps, desc="labelling windows", unit="region", disable=not progress)):
-        for granularity in granularities:
-            integrals = class_integrals(region_maps, granularity)
-            for patch_size in patch_sizes:
-                windows = window_labels(region_maps, granularity, patch_size, stride, integrals=integrals)
-                parts[(patch_size, granularity)].append((region_index, windows))
 
+def windows_table(
+    per_region: Sequence[dict[tuple[int, str], WindowLabels]], patch_sizes: Iterable[int], granularities: Iterable[str]
+) -> dict[tuple[int, str], pd.DataFrame]:
+    """Concatenate the ``region_windows`` results of many regions into one table per (patch size, granularity).
+
+    Each table has the columns ``region`` (index into ``per_region``), ``x``,
+    ``y``, ``size`` and ``label``, in region order.
+    """
     tables = {}
-    for (patch_size, granularity), windows in parts.items():
-        counts = [len(w.x) for _, w in windows]
-        tables[(patch_size, granularity)] = pd.DataFrame(
-            {
-                "region": np.repeat(np.array([r for r, _ in windows], dtype=np.int64), counts),
-                "x": np.concatenate([w.x for _, w in windows]) if windows else np.zeros(0, dtype=np.int64),
-                "y": np.concatenate([w.y for _, w in windows]) if windows else np.zeros(0, dtype=np.int64),
-                "size": np.full(sum(counts), patch_size, dtype=np.int64),
-                "label": np.concatenate([w.label for _, w in windows]) if windows else np.zeros(0, dtype=np.int64),
-            }
-        )
-        logger.debug("patch size %d, granularity %s: %d windows kept", patch_size, granularity, sum(counts))
+    for patch_size in patch_sizes:
+        for granularity in granularities:
+            windows = [region[(patch_size, granularity)] for region in per_region]
+            counts = [len(w.x) for w in windows]
+            empty = np.zeros(0, dtype=np.int64)
+            tables[(patch_size, granularity)] = pd.DataFrame(
+                {
+                    "region": np.repeat(np.arange(len(windows), dtype=np.int64), counts),
+                    "x": np.concatenate([w.x for w in windows]) if windows else empty,
+                    "y": np.concatenate([w.y for w in windows]) if windows else empty,
+                    "size": np.full(sum(counts), patch_size, dtype=np.int64),
+                    "label": np.concatenate([w.label for w in windows]) if windows else empty,
+                }
+            )
+            logger.debug("patch size %d, granularity %s: %d windows kept", patch_size, granularity, sum(counts))
     return tables
 
 
@@ -208,19 +278,26 @@ def _union(maps: GranularityMaps, granularity: str) -> np.ndarray:
     return maps.class_union[granularity]
 
 
-def _complete_counts(maps: GranularityMaps, granularity: str, patch_size: int, stride: int, nx: int, ny: int) -> np.ndarray:
-    """Return ny x nx: how many complete shapes lie wholly inside each window.
+def _complete_boxes(maps: GranularityMaps, granularities: list[str]) -> np.ndarray:
+    """Return G x N x 4 int64 shape boxes per granularity, with x0 = -1 for every shape that is not complete.
+
+    A shape is left out of the window counts when the region edge clips it or
+    it has no pixels. Every window starts at x >= 0, so a box starting at
+    x0 = -1 never fits inside one.
+    """
+    boxes = np.stack([maps.shape_boxes[granularity] for granularity in granularities]).astype(np.int64)
+    complete = np.stack([maps.complete(granularity) for granularity in granularities]) & (boxes[:, :, 2] >= boxes[:, :, 0])
+    boxes[:, :, 0][~complete] = -1
+    return boxes
+
+
+def _complete_counts(boxes: np.ndarray, patch_size: int, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """Return G x ny x nx: how many complete shapes lie wholly inside each window, per granularity.
 
     Containment splits into a column test and a row test per shape, so the
     count is the product of two shape-by-window matrices (exact in float32
     for fewer than 2**24 shapes).
     """
-    boxes = maps.shape_boxes[granularity].astype(np.int64)
-    complete = maps.complete(granularity) & (boxes[:, 2] >= boxes[:, 0])
-    boxes = boxes[complete]
-
-    starts_x = np.arange(nx, dtype=np.int64) * stride
-    starts_y = np.arange(ny, dtype=np.int64) * stride
-    in_columns = (starts_x[None, :] <= boxes[:, 0:1]) & (starts_x[None, :] + patch_size - 1 >= boxes[:, 2:3])
-    in_rows = (starts_y[None, :] <= boxes[:, 1:2]) & (starts_y[None, :] + patch_size - 1 >= boxes[:, 3:4])
-    return in_rows.T.astype(np.float32) @ in_columns.astype(np.float32)
+    in_columns = (xs <= boxes[:, :, 0:1]) & (xs + (patch_size - 1) >= boxes[:, :, 2:3])
+    in_rows = (ys <= boxes[:, :, 1:2]) & (ys + (patch_size - 1) >= boxes[:, :, 3:4])
+    return np.matmul(in_rows.transpose(0, 2, 1).astype(np.float32), in_columns.astype(np.float32))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from granularity.tracking.search import CLASS_ACCURACY_PREFIX, CLASSIFICATION_METRICS, SEGMENTATION_METRICS, TASK_CLASSIFICATION, TASK_SEGMENTATION
 
@@ -50,6 +49,9 @@ def paired_values(pairs: pd.DataFrame, metric: str) -> tuple[np.ndarray, np.ndar
 
 def paired_gain(pixel_wise: np.ndarray, base: np.ndarray, confidence: float = 0.95) -> dict:
     """Return the mean of pw - base, its confidence interval, and the paired t statistic and p-value."""
+    # Imported here: scipy.stats takes about a second to import, and only this function needs it.
+    from scipy import stats
+
     differences = pixel_wise - base
     count = len(differences)
     result = {"pairs": count, "mean_gain": float(differences.mean()) if count else np.nan, "ci_low": np.nan, "ci_high": np.nan, "t": np.nan, "p_value": np.nan}

@@ -17,16 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import matplotlib
-
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
 from granularity.data.images import load_label_image, load_rgb
 from granularity.errors import UserError
+from granularity.report.figures import load_pyplot
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +77,10 @@ def choose_runs(client, segmentation_runs: pd.DataFrame) -> tuple[str | None, di
         for granularity, group in model_runs.groupby("granularity"):
             ordered = sorted(group.itertuples(index=False), key=lambda run: _numeric_seed(run.seed))
             # A few seeds are enough to find logged masks; listing the artifacts of a run costs a request.
-            logged = next((run for run in ordered[:MAX_RUNS_SEARCHED] if _artifact_names(client, run.run_id, PREDICTIONS_DIR)), None)
+            logged = next(
+                (run for run in ordered[:MAX_RUNS_SEARCHED] if _artifact_names(client, run.run_id, PREDICTIONS_DIR, getattr(run, "artifact_uri", None))),
+                None,
+            )
             chosen[granularity] = (logged or ordered[0]).run_id
             with_predictions += logged is not None
         if (with_predictions, len(chosen)) > best[:2]:
@@ -91,10 +90,21 @@ def choose_runs(client, segmentation_runs: pd.DataFrame) -> tuple[str | None, di
     return best[2], best[3]
 
 
-def _artifact_names(client, run_id: str, folder: str) -> dict[str, str]:
-    """Return region name -> artifact path of the image files directly under ``folder`` of the run."""
+def _artifact_names(client, run_id: str, folder: str, artifact_uri: str | None = None) -> dict[str, str]:
+    """Return region name -> artifact path of the image files directly under ``folder`` of the run.
+
+    With the run's ``artifact_uri`` the folder is listed directly. Without it,
+    ``client.list_artifacts`` reads the run from the tracking store first,
+    which costs one query per run.
+    """
+    if isinstance(artifact_uri, str) and artifact_uri:
+        from mlflow.artifacts import list_artifacts
+
+        listed = list_artifacts(artifact_uri=f"{artifact_uri.rstrip('/')}/{folder}", tracking_uri=client.tracking_uri)
+    else:
+        listed = client.list_artifacts(run_id, folder)
     names = {}
-    for info in client.list_artifacts(run_id, folder):
+    for info in listed:
         if not info.is_dir and info.path.lower().endswith((".png", ".jpg", ".jpeg", ".tif", ".tiff")):
             names[Path(info.path).stem] = info.path
     return names
@@ -208,6 +218,7 @@ def _draw(axis, picture: np.ndarray | None, title: str, missing: str) -> None:
 
 def plot_fig4(client, segmentation_runs: pd.DataFrame, path: Path, max_regions: int = 3, region_source: RegionSource | None = dataset_region_source) -> list[str]:
     """Draw Fig. 4 into ``path`` and return the notes about what was missing (empty when every panel is filled)."""
+    plt = load_pyplot()
     model, chosen = choose_runs(client, segmentation_runs)
     with tempfile.TemporaryDirectory(prefix="fig4-") as work:
         panels, notes, params = collect_panels(client, chosen, max_regions, region_source, Path(work)) if chosen else ([], ["no finished segmentation runs"], {})

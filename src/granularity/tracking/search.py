@@ -10,6 +10,7 @@ import gc
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterable
 
 import pandas as pd
 
@@ -34,7 +35,10 @@ TRAINING_TASKS = (TASK_CLASSIFICATION, TASK_SEGMENTATION)
 BOOKKEEPING_TASKS = frozenset({"study", "compare", "sweep"})
 
 PARENT_RUN_TAG = "mlflow.parentRunId"
-PAGE_SIZE = 1000
+
+# Runs per search_runs call. Every call repeats the query and its commit, so
+# larger pages cost less per run; MLflow's SQL store accepts up to 50,000.
+PAGE_SIZE = 10000
 
 CLASSIFICATION_METRICS = ("test_precision", "test_recall", "test_f1", "test_accuracy")
 CLASS_ACCURACY_PREFIX = "test_class_accuracy_"
@@ -48,7 +52,10 @@ SEGMENTATION_METRICS = (
 )
 
 # Columns of the run table besides the metric columns.
-RUN_COLUMNS = ("run_id", "run_name", "status", "start_time", "parent_run_id", "task", "dataset", "model", "granularity", "patch_size", "seed", "config_key")
+RUN_COLUMNS = (
+    "run_id", "run_name", "status", "start_time", "artifact_uri", "parent_run_id",
+    "task", "dataset", "model", "granularity", "patch_size", "seed", "config_key",
+)
 
 
 @dataclass(frozen=True)
@@ -148,10 +155,15 @@ def read_runs(client, experiment_id: str, parent_run_id: str | None = None, page
     classification run of the same dataset logged.
     """
     filter_string = f"tags.`{PARENT_RUN_TAG}` = '{parent_run_id}'" if parent_run_id else ""
+    return build_run_table(iter_runs(client, experiment_id, filter_string, page_size))
+
+
+def build_run_table(runs: Iterable) -> RunTable:
+    """Build the RunTable of ``read_runs`` from MLflow ``Run`` objects, however they were fetched."""
     rows: list[dict] = []
     left_out: list[LeftOutRun] = []
 
-    for run in iter_runs(client, experiment_id, filter_string, page_size):
+    for run in runs:
         tags = run.data.tags
         task = tags.get(TAG_TASK)
         if task in BOOKKEEPING_TASKS:
@@ -161,6 +173,7 @@ def read_runs(client, experiment_id: str, parent_run_id: str | None = None, page
             "run_name": run.info.run_name or "",
             "status": run.info.status,
             "start_time": run.info.start_time or 0,
+            "artifact_uri": run.info.artifact_uri,
             "parent_run_id": tags.get(PARENT_RUN_TAG),
             "task": task,
             "dataset": tags.get(TAG_DATASET),
