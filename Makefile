@@ -6,6 +6,9 @@ STAMP := $(VENV)/.installed
 DATA_ROOT ?= $(shell if [ -d ../shared/datasets ]; then echo ../shared/datasets; else echo data; fi)
 EXPERIMENT ?= annotation-granularity
 PYTEST_ARGS ?=
+# Passive OpenMP waiting for the demo's training: on a CPU shared with other processes, torch's spinning
+# OpenMP threads made each training step 3 to 15 times slower (measured on 2 cores at load average 6).
+OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: setup test demo bench clean
 
@@ -27,9 +30,14 @@ demo: setup
 		echo "Download CoNSeP from https://warwick.ac.uk/fac/cross_fac/tia/data/hovernet/ and unpack it so that"; \
 		echo "$(DATA_ROOT)/consep-256/Train/Images and .../Labels exist (or set DATA_ROOT=folder)."; \
 		exit 2; }
-	DATA_ROOT=$(DATA_ROOT) $(BIN)/granularity study --preset quick --experiment $(EXPERIMENT)
+	DATA_ROOT=$(DATA_ROOT) OMP_WAIT_POLICY=$(OMP_WAIT_POLICY) $(BIN)/granularity study --preset quick --experiment $(EXPERIMENT)
 	$(BIN)/granularity compare --experiment $(EXPERIMENT) --out out/compare
-	@echo "Open the runs with: $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db  (then http://127.0.0.1:5000)"
+	@echo "Tables and figures (fig3.png, fig4.png): out/compare/"
+	@if [ -n "$$MLFLOW_TRACKING_URI" ]; then \
+		echo "Open the runs at $$MLFLOW_TRACKING_URI (experiment $(EXPERIMENT))"; \
+	else \
+		echo "Open the runs with: $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db  (then http://127.0.0.1:5000)"; \
+	fi
 
 bench: setup
 	$(BIN)/python bench/bench_prepare.py
