@@ -13,7 +13,7 @@ from scipy import ndimage
 from torch import nn
 
 from granularity.data.class_map import ClassMap
-from granularity.data.geojson_writer import nucleus_features, write_geojson
+from granularity.data.geojson_writer import MIN_NUCLEUS_AREA_PX, nucleus_features, write_geojson
 from granularity.metrics.segmentation import label_instances
 
 # Class names double as raw labels here, so the reader maps each feature's classification back.
@@ -82,7 +82,7 @@ def _filled_components(mask: np.ndarray) -> list[tuple[int, np.ndarray]]:
 def test_features_per_component():
     mask = _hand_made_mask()
     features = nucleus_features(label_instances(mask), mask, CLASS_MAP)
-    expected = _filled_components(mask)
+    expected = [(value, part) for value, part in _filled_components(mask) if part.sum() >= MIN_NUCLEUS_AREA_PX]
     assert len(features) == len(expected)
     names = sorted(feature["properties"]["classification"]["name"] for feature in features)
     assert names == sorted(CLASS_MAP.names[value - 1] for value, _ in expected)
@@ -100,7 +100,7 @@ def test_geojson_round_trip_through_reader(tmp_path):
     count = write_geojson(tmp_path / "tile.geojson", label_instances(mask), mask, CLASS_MAP)
 
     (region,) = _read_back(tmp_path, CLASS_MAP)
-    expected = _filled_components(mask)
+    expected = [(value, part) for value, part in _filled_components(mask) if part.sum() >= MIN_NUCLEUS_AREA_PX]
     assert count == len(expected)
     assert len(region.instance_ids()) == len(expected)
 
@@ -197,3 +197,17 @@ def test_predict_empty_folder(tracking_uri, tmp_path):
 
     (tmp_path / "empty").mkdir()
     assert main(["predict", "--model-uri", "runs:/x/model", "--images", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
+
+
+def test_geojson_leaves_out_speckle():
+    instances = np.zeros((20, 20), dtype=np.int32)
+    instances[2, 2] = 1  # a single pixel
+    instances[5, 3:8] = 2  # a one-pixel-wide line: its ring has no area
+    cv2.circle(instances, (13, 13), 4, 3, -1)
+    class_mask = (instances > 0).astype(np.uint8)
+    features = nucleus_features(instances, class_mask, CLASS_MAP, min_area=1)
+
+    assert len(features) == 1
+    ring = features[0]["geometry"]["coordinates"][0]
+    assert len(ring) >= 4
+    assert ring[0] == ring[-1]

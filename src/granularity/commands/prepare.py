@@ -78,13 +78,19 @@ def run(args: argparse.Namespace) -> int:
     nuclei = prepared.nucleus_counts()
     print(f"prepared {prepared.name}: {len(prepared.regions)} regions, {sum(nuclei.values())} nuclei "
           f"({', '.join(f'{name} {count}' for name, count in nuclei.items())}), "
-          f"{prepared.ellipse_fallbacks} ellipse fallbacks, cache {'hit' if prepared.cache_hit else 'written'}")
+          f"{prepared.ellipse_fallbacks} ellipse fallbacks, {_cache_state(prepared)}")
     for (size, granularity), counts in sorted(prepared.window_counts().items()):
         print(f"  windows {size:>4} px {granularity}: {sum(counts.values()):>6}  " + "  ".join(f"{n}={c}" for n, c in counts.items()))
     if args.export:
         print(f"exported class masks and window tables to {args.export}")
     print(f"MLflow run {run_id} in experiment {args.experiment!r} at {tracking_uri}")
     return 0
+
+
+def _cache_state(prepared: PreparedDataset) -> str:
+    if prepared.cache_dir is None:
+        return "no cache"
+    return f"cache {'hit' if prepared.cache_hit else 'written'} in {prepared.cache_dir}"
 
 
 def export_dataset(prepared: PreparedDataset, folder: Path) -> None:

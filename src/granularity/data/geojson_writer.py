@@ -29,6 +29,10 @@ logger = logging.getLogger(__name__)
 OBJECT_TYPE = "detection"
 
 
+# Predicted components smaller than this are speckle, not nuclei: a nucleus at 20x covers well over 10 pixels.
+MIN_NUCLEUS_AREA_PX = 10
+
+
 def _outline(nucleus: np.ndarray) -> list[list[int]] | None:
     """Return the closed outer ring of one nucleus mask as [x, y] pixel centres, or None for an empty mask."""
     # A zero border keeps findContours from treating pixels on the crop edge specially.
@@ -44,11 +48,16 @@ def _outline(nucleus: np.ndarray) -> list[list[int]] | None:
     return ring
 
 
-def nucleus_features(instances: np.ndarray, class_mask: np.ndarray, class_map: ClassMap) -> list[dict]:
+def nucleus_features(
+    instances: np.ndarray, class_mask: np.ndarray, class_map: ClassMap, min_area: int = MIN_NUCLEUS_AREA_PX
+) -> list[dict]:
     """Return one QuPath Polygon feature per nucleus of ``instances``, classed by ``class_mask``.
 
     ``instances`` is an H x W int instance map (0 background); ``class_mask``
     contains 0 for background and class index + 1, constant over each nucleus.
+    Components smaller than ``min_area`` pixels, and those whose outline has
+    fewer than 3 distinct points, are left out: a GeoJSON ring needs at least
+    4 positions and a non-zero area.
     """
     if class_mask.size and int(class_mask.max()) > class_map.num_classes:
         raise UserError(
@@ -56,6 +65,7 @@ def nucleus_features(instances: np.ndarray, class_mask: np.ndarray, class_map: C
             f"{class_map.num_classes} classes; use the class map the model was trained with"
         )
     features = []
+    skipped = 0
 
     # find_objects gives each component's bounding box, so no step scans the whole region per nucleus.
     for position, box in enumerate(ndimage.find_objects(instances)):
@@ -65,8 +75,12 @@ def nucleus_features(instances: np.ndarray, class_mask: np.ndarray, class_map: C
         values = class_mask[box][local]
         if not values.size or values[0] == 0:
             continue
+        if values.size < min_area:
+            skipped += 1
+            continue
         ring = _outline(local)
-        if ring is None:
+        if ring is None or len({tuple(point) for point in ring}) < 3:
+            skipped += 1
             continue
         top, left = box[0].start, box[1].start
         ring = [[int(x + left), int(y + top)] for x, y in ring]
@@ -84,6 +98,8 @@ def nucleus_features(instances: np.ndarray, class_mask: np.ndarray, class_map: C
                 },
             }
         )
+    if skipped:
+        logger.info("left %d components smaller than %d px or without an area out of the GeoJSON", skipped, min_area)
     return features
 
 

@@ -32,7 +32,7 @@ TASK_SEGMENTATION = "segmentation"
 TRAINING_TASKS = (TASK_CLASSIFICATION, TASK_SEGMENTATION)
 
 # Runs of these tasks belong to the bookkeeping of a study, not to its results, so they are skipped without a note.
-BOOKKEEPING_TASKS = frozenset({"study", "compare", "sweep"})
+BOOKKEEPING_TASKS = frozenset({"prepare", "study", "compare", "sweep"})
 
 PARENT_RUN_TAG = "mlflow.parentRunId"
 

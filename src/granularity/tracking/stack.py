@@ -50,6 +50,10 @@ class StackError(UserError):
     """A service of the tracking stack is missing, failed to start or did not become healthy."""
 
 
+# Ports tried when a newly started MLflow server finds its port taken.
+PORT_ATTEMPTS = 3
+
+
 def find_free_port() -> int:
     """Return a TCP port on 127.0.0.1 that is free at the time of the call.
 
@@ -424,6 +428,7 @@ class MlflowServer(ManagedProcess):
         workers: int = 1,
         name: str = "MLflow server",
         flask_secret_key: str | None = None,
+        fixed_port: bool = False,
     ) -> None:
         super().__init__(name, folder / f"mlflow-{port}.log")
         self.folder = folder
@@ -434,6 +439,7 @@ class MlflowServer(ManagedProcess):
         self.workers = workers
         # The basic-auth app signs its CSRF tokens with this key; servers sharing a database need the same one.
         self.flask_secret_key = flask_secret_key or secrets.token_hex(32)
+        self.started_once = fixed_port
 
     @property
     def tracking_uri(self) -> str:
@@ -493,6 +499,28 @@ class MlflowServer(ManagedProcess):
     def is_healthy(self) -> bool:
         return _http_ok(self.tracking_uri + "/health")
 
+    def start(self, timeout_s: float = START_TIMEOUT_S) -> None:
+        """Start the server; on its first start, move to another free port if its port was taken meanwhile.
+
+        ``find_free_port`` cannot reserve a port, and the server binds it only
+        after several seconds of start-up, so a busy machine can hand the port
+        to another process first. Once a server has started, clients know its
+        URI, so a restart keeps the port and fails instead.
+        """
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            try:
+                super().start(timeout_s)
+            except StackError:
+                if self.started_once or attempt == PORT_ATTEMPTS or "address already in use" not in _log_tail(self.log_path):
+                    raise
+                taken = self.port
+                self.port = find_free_port()
+                self.log_path = self.folder / f"mlflow-{self.port}.log"
+                logger.warning("%s: port %d was taken before the server bound it; trying port %d", self.name, taken, self.port)
+                continue
+            self.started_once = True
+            return
+
 
 class TrackingStack:
     """PostgreSQL, an S3 endpoint and an MLflow tracking server in one temporary folder.
@@ -533,7 +561,8 @@ class TrackingStack:
             self.folder, find_free_port(), bucket, access_key=secrets.token_hex(10), secret_key=secrets.token_urlsafe(30)
         )
         self.mlflow = MlflowServer(
-            self.folder, mlflow_port or find_free_port(), self.postgres.uri, self.s3, basic_auth=basic_auth, workers=workers
+            self.folder, mlflow_port or find_free_port(), self.postgres.uri, self.s3, basic_auth=basic_auth, workers=workers,
+            fixed_port=mlflow_port is not None,
         )
         self._extra_servers: list[MlflowServer] = []
         self._stopped = False

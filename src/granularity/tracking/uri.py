@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import urllib.error
 import urllib.request
 
 from granularity.errors import UserError
 from granularity.tracking.retry import apply_http_retry_defaults
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "annotation-granularity"
@@ -59,7 +62,15 @@ def configure_mlflow(experiment: str = DEFAULT_EXPERIMENT) -> str:
     # Inside `mlflow run` the run already exists, and MLflow rejects a start_run in any other experiment.
     project_run_id = os.environ.get("MLFLOW_RUN_ID")
     if project_run_id:
-        experiment_id = mlflow.MlflowClient().get_run(project_run_id).info.experiment_id
+        client = mlflow.MlflowClient()
+        experiment_id = client.get_run(project_run_id).info.experiment_id
+        chosen = client.get_experiment(experiment_id).name
+        if chosen != experiment:
+            logger.warning(
+                "mlflow run created run %s in experiment %r, so it is tracked there, not in %r; "
+                "pass --experiment-name %s to mlflow run to choose the experiment",
+                project_run_id, chosen, experiment, experiment,
+            )
         mlflow.set_experiment(experiment_id=experiment_id)
         return uri
     mlflow.set_experiment(experiment)

@@ -398,7 +398,7 @@ def fit(
 
             best_text = f"best {options.selection_metric} {state.best_metric:.4f} at epoch {state.best_epoch}"
             logger.info(
-                "epoch %d/%d: %s (%s), %.1f s, %.0f images/s",
+                "epoch %d/%d: %s (%s), %.1f s, %.3g images/s",
                 epoch,
                 options.epochs,
                 _format_metrics({key: metrics[key] for key in ("train_loss", "val_loss", options.selection_metric)}),
