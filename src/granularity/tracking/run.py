@@ -91,13 +91,19 @@ def config_params(config: Mapping[str, Any]) -> dict[str, str]:
     return params
 
 
-def load_run_config(run_id: str) -> dict[str, Any]:
+def load_run_config(run_id: str, task: str | None = None) -> dict[str, Any]:
     """Return the configuration a run logged as ``config.json``.
 
-    Raises UserError when the run does not exist or has no configuration.
+    Raises UserError when the run does not exist, is not a ``task`` run (when
+    given), or has no configuration.
     """
     client = MlflowClient()
-    _get_run(client, run_id)
+    run = _get_run(client, run_id)
+    run_task = run.data.tags.get(TAG_TASK)
+    if task is not None and run_task != task:
+        command = {"classification": "classify", "segmentation": "segment"}.get(run_task or "", "")
+        hint = f"resume it with `granularity {command} --resume {run_id}`" if command else f"pass the id of a {task} run"
+        raise UserError(f"run {run_id} is a {run_task or 'untagged'} run, not a {task} run; {hint}")
     try:
         return mlflow.artifacts.load_dict(f"runs:/{run_id}/{CONFIG_ARTIFACT}")
     except (MlflowException, OSError) as error:

@@ -117,7 +117,7 @@ def _resolve_config(config: Mapping[str, Any], resume_run_id: str | None) -> dic
     if not resume_run_id:
         return resolve_classification_config(config)
 
-    stored = load_run_config(resume_run_id)
+    stored = load_run_config(resume_run_id, task=TASK)
     for key in RESUME_OVERRIDABLE:
         if config.get(key) is not None:
             stored[key] = config[key]

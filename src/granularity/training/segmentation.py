@@ -441,7 +441,7 @@ def _run_config(config: Mapping[str, Any], resume_run_id: str | None) -> dict[st
     """Return the configuration to run: the given one, or the resumed run's with the new execution options."""
     if not resume_run_id:
         return resolve_config(config)
-    logged = load_run_config(resume_run_id)
+    logged = load_run_config(resume_run_id, task=TASK)
     for key in keys.EXECUTION_OPTIONS & set(DEFAULTS):
         if config.get(key) is not None:
             logged[key] = config[key]

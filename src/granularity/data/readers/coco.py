@@ -61,7 +61,7 @@ def annotation_file(path: Path) -> Path:
     if len(candidates) == 1:
         return candidates[0]
     if not candidates:
-        raise DatasetError(f"COCO dataset folder {path} has no {ANNOTATION_FILE} or other .json file; add the annotation JSON")
+        raise DatasetError(f"COCO dataset folder {path} has no {ANNOTATION_FILE} or other .json file; add the annotation JSON, or pick the --format that matches the folder")
     names = [p.name for p in candidates]
     raise DatasetError(f"COCO dataset folder {path} holds several JSON files {names}; pass the annotation JSON itself as --dataset")
 
