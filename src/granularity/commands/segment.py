@@ -6,6 +6,7 @@ import argparse
 
 from granularity.data.granularity import GRANULARITIES
 from granularity.data.readers import FORMATS
+from granularity.errors import ConfigError
 from granularity.models.segmenters import ARCHITECTURES
 from granularity.tracking.uri import DEFAULT_EXPERIMENT
 from granularity.training.device import DEVICES
@@ -19,9 +20,9 @@ def add_parser(subparsers) -> None:
         description="Train a semantic segmenter (background plus every class of the class map) on the masks of one "
         "annotation granularity, test it against the pixel-wise truth and log everything to MLflow.",
     )
-    parser.add_argument("--dataset", required=True, help="dataset folder, e.g. ../shared/datasets/consep-256")
+    parser.add_argument("--dataset", help="dataset folder, e.g. ../shared/datasets/consep-256 (required unless --resume)")
     parser.add_argument("--format", default="auto", choices=("auto",) + FORMATS, help="reader; auto detects it when unambiguous")
-    parser.add_argument("--class-map", required=True, help="class map YAML, e.g. mlproject/class_maps/consep.yaml")
+    parser.add_argument("--class-map", help="class map YAML, e.g. mlproject/class_maps/consep.yaml (required unless --resume)")
     parser.add_argument("--granularity", default=DEFAULTS["granularity"], choices=GRANULARITIES, help="training masks: pixel-wise, ellipse or box (default: %(default)s)")
     parser.add_argument("--model", default=DEFAULTS["model"], choices=tuple(ARCHITECTURES), help="architecture (default: %(default)s)")
     parser.add_argument("--encoder", default=DEFAULTS["encoder"], help="segmentation-models-pytorch encoder, or tu-<timm model> (default: %(default)s)")
@@ -53,6 +54,10 @@ def run(args: argparse.Namespace) -> int:
     from granularity.training.segmentation import run_segmentation
 
     config = config_from_args(args)
+    if not args.resume:
+        missing = [option for option, value in (("--dataset", args.dataset), ("--class-map", args.class_map)) if not value]
+        if missing:
+            raise ConfigError(f"missing {' and '.join(missing)}; pass them, or --resume RUN_ID to continue a run")
     if args.resume:
         # The resumed run keeps its own configuration; only where and how fast it runs may change.
         config = {"device": args.device, "num_workers": args.num_workers}
