@@ -14,6 +14,8 @@ import numpy as np
 from tqdm import tqdm
 
 from granularity.data.class_map import ClassMap
+from granularity.data.images import load_rgb
+from granularity.data.region import Region
 from granularity.errors import DatasetError
 
 logger = logging.getLogger(__name__)
@@ -240,3 +242,33 @@ def tile_of(name: str) -> str:
         if tile_separator and tile_number.isdigit():
             return tile
     return name
+
+
+def read_outline_files(
+    root: Path,
+    pairs: Sequence[tuple[str, Path, Path]],
+    parse: Callable[[Path, tuple[int, int]], tuple[list[ShapeMask | None], list[object]]],
+    class_map: ClassMap,
+) -> list[Region]:
+    """Read (name, image, annotation file) pairs whose files list one outline per nucleus into regions.
+
+    ``parse(annotation_path, image_shape)`` returns one rasterised shape and
+    one raw class label per nucleus; overlaps are resolved by ``paint_instances``.
+    """
+    def read_pair(pair: tuple[str, Path, Path]) -> tuple[Region, dict[int, object]]:
+        stem, image_path, label_path = pair
+        image = load_rgb(image_path)
+        shapes, labels = parse(label_path, image.shape[:2])
+        instances = paint_instances(shapes, image.shape[:2], label_path)
+        raw = {int(i): labels[i - 1] for i in present_ids(instances)}
+        return Region(name=stem, group=stem, image=image, instances=instances, source=str(label_path)), raw
+
+    results = map_in_threads(read_pair, pairs, desc=f"reading {root.name}")
+    regions = [region for region, _ in results]
+    raw_labels = [raw for _, raw in results]
+
+    mapped = map_classes(raw_labels, class_map, source=str(root), sources=[r.source for r in regions])
+    for region, classes in zip(regions, mapped):
+        region.classes = classes
+    logger.info("read %d regions with %d nuclei from %s", len(regions), sum(len(r.classes) for r in regions), root)
+    return regions

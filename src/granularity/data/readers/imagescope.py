@@ -20,18 +20,14 @@ from pathlib import Path
 import numpy as np
 
 from granularity.data.class_map import ClassMap
-from granularity.data.images import load_rgb
 from granularity.data.readers.common import (
     ShapeMask,
     crop_to_mask,
     files_with_suffixes,
     index_by_stem,
-    map_classes,
-    map_in_threads,
-    paint_instances,
     pair_by_stem,
-    present_ids,
     rasterise_polygons,
+    read_outline_files,
     require_folder,
 )
 from granularity.data.region import Region
@@ -155,23 +151,6 @@ def parse(path: Path, shape: tuple[int, int]) -> tuple[list[ShapeMask | None], l
     return shapes, labels
 
 
-def _read_pair(pair: tuple[str, Path, Path]) -> tuple[Region, dict[int, object]]:
-    stem, image_path, label_path = pair
-    image = load_rgb(image_path)
-    shapes, labels = parse(label_path, image.shape[:2])
-    instances = paint_instances(shapes, image.shape[:2], label_path)
-    raw = {int(i): labels[i - 1] for i in present_ids(instances)}
-    return Region(name=stem, group=stem, image=image, instances=instances, source=str(label_path)), raw
-
-
 def read(root: Path, class_map: ClassMap) -> list[Region]:
     """Read every XML annotation and its image under ``root`` into regions."""
-    results = map_in_threads(_read_pair, _pairs(root), desc=f"reading {root.name}")
-    regions = [region for region, _ in results]
-    raw_labels = [raw for _, raw in results]
-
-    mapped = map_classes(raw_labels, class_map, source=str(root), sources=[r.source for r in regions])
-    for region, classes in zip(regions, mapped):
-        region.classes = classes
-    logger.info("read %d regions with %d nuclei from %s", len(regions), sum(len(r.classes) for r in regions), root)
-    return regions
+    return read_outline_files(root, _pairs(root), parse, class_map)
