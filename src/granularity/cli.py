@@ -15,6 +15,8 @@ EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 
+# NOTE: the command modules take their option choices from the model and training modules, which import
+# torch, timm and segmentation-models-pytorch, so even `--help` takes several seconds.
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="granularity",
