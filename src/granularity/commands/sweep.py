@@ -70,6 +70,9 @@ class _ForwardOption(argparse.Action):
 
 def _help_text(kwargs: dict) -> str:
     text = str(kwargs.get("help") or "")
+
+    # A sweep has no --resume, so the task's "required unless --resume" means required here.
+    text = text.replace(" (required unless --resume)", " (required)")
     return text.replace("%(default)s", str(kwargs.get("default")))
 
 
