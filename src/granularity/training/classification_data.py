@@ -93,6 +93,14 @@ def _select(table: pd.DataFrame, subset: str, regions: dict[str, set[int]] | Non
 
 def _balance(table: pd.DataFrame, subset: str, class_names: list[str], seed: int, max_per_class: int, allow_missing: bool = False) -> pd.DataFrame:
     labels = table["label"].to_numpy()
+    if allow_missing:
+        counts = np.bincount(labels, minlength=len(class_names))
+        empty = [name for name, count in zip(class_names, counts) if count == 0]
+        if empty:
+            logger.warning(
+                "the %s regions contain no %s window, so that class has no %s score; try another --seed or --split patch",
+                subset, ", ".join(empty), subset,
+            )
     try:
         indices = balance_classes(labels, len(class_names), seed, max_per_class, class_names=class_names, allow_missing=allow_missing)
     except EmptyClassError as error:
