@@ -4,7 +4,7 @@
 class UserError(Exception):
     """Invalid input from the user: a file, a value or an option.
 
-    The message names the file or value and says how to fix it. The CLI
+    The message names the file or value and how to fix it. The CLI
     prints it without a traceback and exits with code 2.
     """
 
@@ -14,4 +14,4 @@ class DatasetError(UserError):
 
 
 class ConfigError(UserError):
-    """An option, a class map or a preset holds an invalid value."""
+    """An option, a class map or a preset contains an invalid value."""

@@ -371,7 +371,7 @@ def derive_granularities(
             memory when no windows are labelled from these maps.
 
     Raises:
-        DatasetError: the instance map is not 2-D, holds negative ids, or an
+        DatasetError: the instance map is not 2-D, contains negative ids, or an
             id has no valid class in ``region.classes``.
         ValueError: ``ellipses`` or ``fit_kinds`` do not have one row per nucleus.
     """

@@ -30,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from granularity.data.class_map import ClassMap
 from granularity.data.granularity import GRANULARITIES, GranularityMaps, derive_granularities

@@ -98,7 +98,7 @@ def check_datasets(configurations: list[StudyConfiguration]) -> None:
         if not Path(path).is_dir():
             hint = DOWNLOAD_HINTS.get(data_format, "put the dataset there")
             raise DatasetError(
-                f"dataset folder {path} not found; {hint}, or set DATA_ROOT to the folder that holds {Path(path).name}"
+                f"dataset folder {path} not found; {hint}, or set DATA_ROOT to the folder that contains {Path(path).name}"
             )
 
 

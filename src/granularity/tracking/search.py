@@ -148,7 +148,7 @@ def read_runs(client, experiment_id: str, parent_run_id: str | None = None, page
 
     A run is left out, with its reason, when it is not FINISHED, lacks a tag
     that places it in a table (granularity, model, dataset, seed, and patch
-    size for classification), lacks a compared metric or holds NaN there, or
+    size for classification), lacks a compared metric or is NaN there, or
     repeats the ``config_key`` of a later finished run (the later one is kept,
     so a configuration run twice is not counted as two seeds). The per-class
     accuracy metrics a classification run must have are those that any

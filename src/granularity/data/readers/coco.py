@@ -52,7 +52,7 @@ def matches(path: Path) -> bool:
 def annotation_file(path: Path) -> Path:
     """Return the COCO JSON of a dataset given as the JSON file itself or its folder."""
     if not path.exists():
-        raise DatasetError(f"COCO dataset {path} not found; pass the annotation JSON or the folder that holds it")
+        raise DatasetError(f"COCO dataset {path} not found; pass the annotation JSON or the folder that contains it")
     if path.is_file():
         return path
     if (path / ANNOTATION_FILE).is_file():
@@ -63,7 +63,7 @@ def annotation_file(path: Path) -> Path:
     if not candidates:
         raise DatasetError(f"COCO dataset folder {path} has no {ANNOTATION_FILE} or other .json file; add the annotation JSON, or pick the --format that matches the folder")
     names = [p.name for p in candidates]
-    raise DatasetError(f"COCO dataset folder {path} holds several JSON files {names}; pass the annotation JSON itself as --dataset")
+    raise DatasetError(f"COCO dataset folder {path} contains several JSON files {names}; pass the annotation JSON itself as --dataset")
 
 
 def _load_json(path: Path) -> dict:

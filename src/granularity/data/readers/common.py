@@ -147,7 +147,7 @@ def rasterise_polygons(polygons: Sequence[Sequence[np.ndarray]], shape: tuple[in
         return None
 
     # Draw into the clipped bounding box only, so a region with thousands of
-    # nuclei never holds one full-size mask per nucleus.
+    # nuclei never keeps one full-size mask per nucleus.
     local = np.zeros((bottom - top, right - left), dtype=np.uint8)
     scale = 1 << _SUBPIXEL_BITS
     offset = np.array([left, top], dtype=np.float64)

@@ -1,6 +1,6 @@
 """Reader for the CoNSeP layout: ``<Split>/Images/<name>.png|jpg`` and ``<Split>/Labels/<name>.mat``.
 
-Each .mat file (MATLAB, read with scipy.io.loadmat) holds ``inst_map``
+Each .mat file (MATLAB, read with scipy.io.loadmat) contains ``inst_map``
 (H x W, 0 = background, nucleus ids that need not be contiguous) and
 ``inst_type`` (N x 1, row k = raw class of nucleus k + 1). ``type_map`` is
 not read: it repeats ``inst_type`` pixel by pixel, and skipping it keeps
@@ -108,11 +108,11 @@ def _load_label(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise DatasetError(f"label file {path}: 'inst_map' has shape {inst_map.shape}, expected H x W")
     if not np.issubdtype(inst_map.dtype, np.integer):
         if not np.all(np.mod(inst_map, 1) == 0):
-            raise DatasetError(f"label file {path}: 'inst_map' holds non-integer ids; export integer instance ids")
+            raise DatasetError(f"label file {path}: 'inst_map' contains non-integer ids; export integer instance ids")
     # scipy returns MATLAB's column-major layout; later steps expect C order.
     inst_map = np.ascontiguousarray(inst_map, dtype=np.int32)
     if inst_map.min(initial=0) < 0:
-        raise DatasetError(f"label file {path}: 'inst_map' holds negative ids; use 0 for background and 1..N for nuclei")
+        raise DatasetError(f"label file {path}: 'inst_map' contains negative ids; use 0 for background and 1..N for nuclei")
 
     inst_type = np.asarray(content["inst_type"]).reshape(-1)
     return inst_map, inst_type
@@ -122,7 +122,7 @@ def _raw_labels(inst_map: np.ndarray, inst_type: np.ndarray, path: Path) -> dict
     ids = present_ids(inst_map)
     if ids.size and ids[-1] > inst_type.size:
         raise DatasetError(
-            f"label file {path}: 'inst_type' has {inst_type.size} rows but 'inst_map' holds nucleus id {ids[-1]}; "
+            f"label file {path}: 'inst_type' has {inst_type.size} rows but 'inst_map' contains nucleus id {ids[-1]}; "
             "'inst_type' needs one row per id up to the largest id (row k = class of id k + 1)"
         )
     labels = inst_type[ids - 1]

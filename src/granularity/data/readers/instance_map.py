@@ -126,9 +126,9 @@ def read_class_table(path: Path) -> dict[int, object]:
 def _instances(path: Path) -> np.ndarray:
     labels = load_label_image(path)
     if labels.dtype != np.bool_ and labels.min(initial=0) < 0:
-        raise DatasetError(f"instance map {path} holds negative ids; use 0 for background and positive nucleus ids")
+        raise DatasetError(f"instance map {path} contains negative ids; use 0 for background and positive nucleus ids")
     if int(labels.max(initial=0)) > np.iinfo(np.int32).max:
-        raise DatasetError(f"instance map {path} holds ids above {np.iinfo(np.int32).max}; renumber the nuclei 1..N")
+        raise DatasetError(f"instance map {path} contains ids above {np.iinfo(np.int32).max}; renumber the nuclei 1..N")
     return labels.astype(np.int32)
 
 
