@@ -73,5 +73,9 @@ def configure_mlflow(experiment: str = DEFAULT_EXPERIMENT) -> str:
             )
         mlflow.set_experiment(experiment_id=experiment_id)
         return uri
-    mlflow.set_experiment(experiment)
+    found = mlflow.set_experiment(experiment)
+
+    # When another process creates the experiment at the same moment, MLflow 3.17's set_experiment returns it
+    # without making it active, and the next start_run would land in the Default experiment.
+    mlflow.set_experiment(experiment_id=found.experiment_id)
     return uri
