@@ -212,7 +212,7 @@ def prepare_dataset(
     """
     dataset = Path(dataset)
     if not dataset.exists():
-        raise DatasetError(f"dataset {dataset} not found; pass the folder that holds the dataset with --dataset")
+        raise DatasetError(f"dataset {dataset} not found; pass the folder that contains the dataset with --dataset")
     if stride is not None and stride <= 0:
         raise DatasetError(f"stride {stride} is invalid; use a positive number of pixels, or 0 for half the patch size")
     if not isinstance(class_map, ClassMap):

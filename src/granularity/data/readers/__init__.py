@@ -81,7 +81,7 @@ def read_regions(path: str | Path, format: str | None, class_map: ClassMap) -> l
         raise DatasetError(f"dataset {path} not found; pass --dataset pointing to an existing folder or file")
     regions = reader.read(path, class_map)
     if not regions:
-        raise DatasetError(f"dataset {path} holds no regions in the {format} layout; check the folder and --format")
+        raise DatasetError(f"dataset {path} contains no regions in the {format} layout; check the folder and --format")
     return regions
 
 

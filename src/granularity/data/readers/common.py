@@ -272,3 +272,17 @@ def read_outline_files(
         region.classes = classes
     logger.info("read %d regions with %d nuclei from %s", len(regions), sum(len(r.classes) for r in regions), root)
     return regions
+
+
+def pair_outline_files(root: Path, suffix: str, label_kind: str, dataset_kind: str, image_suffixes: Sequence[str]) -> list[tuple[str, Path, Path]]:
+    """Return (name, image, annotation file) pairs of a folder, or of one annotation file with its image beside it."""
+    if root.is_file():
+        labels = {root.stem: root}
+        images = index_by_stem((p for p in files_with_suffixes(root.parent, image_suffixes) if p.stem == root.stem), "image")
+        return pair_by_stem(images, labels, label_kind, "{stem}")
+    require_folder(root, f"{dataset_kind} dataset folder")
+    labels = index_by_stem(files_with_suffixes(root, (suffix,), recursive=True), label_kind)
+    if not labels:
+        raise DatasetError(f"{dataset_kind} dataset folder {root} has no {suffix} {label_kind} files; add them or choose another --format")
+    images = index_by_stem(files_with_suffixes(root, image_suffixes, recursive=True), "image")
+    return pair_by_stem(images, labels, label_kind, "{stem}" + suffix)

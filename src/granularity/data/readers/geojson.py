@@ -24,12 +24,9 @@ from granularity.data.class_map import ClassMap
 from granularity.data.readers.common import (
     IMAGE_SUFFIXES,
     ShapeMask,
-    files_with_suffixes,
-    index_by_stem,
-    pair_by_stem,
+    pair_outline_files,
     rasterise_polygons,
     read_outline_files,
-    require_folder,
 )
 from granularity.data.region import Region
 from granularity.errors import DatasetError
@@ -46,17 +43,7 @@ def matches(root: Path) -> bool:
 
 
 def _pairs(root: Path) -> list[tuple[str, Path, Path]]:
-    if root.is_file():
-        # One annotation file given directly: its image lies beside it.
-        labels = {root.stem: root}
-        images = index_by_stem((p for p in files_with_suffixes(root.parent, IMAGE_SUFFIXES) if p.stem == root.stem), "image")
-        return pair_by_stem(images, labels, "GeoJSON", "{stem}")
-    require_folder(root, "GeoJSON dataset folder")
-    labels = index_by_stem(files_with_suffixes(root, (".geojson",), recursive=True), "GeoJSON")
-    if not labels:
-        raise DatasetError(f"GeoJSON dataset folder {root} has no .geojson files; add them or choose another --format")
-    images = index_by_stem(files_with_suffixes(root, IMAGE_SUFFIXES, recursive=True), "image")
-    return pair_by_stem(images, labels, "GeoJSON", "{stem}.geojson")
+    return pair_outline_files(root, ".geojson", "GeoJSON", "GeoJSON", IMAGE_SUFFIXES)
 
 
 def input_files(root: Path) -> list[Path]:

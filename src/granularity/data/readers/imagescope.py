@@ -23,12 +23,9 @@ from granularity.data.class_map import ClassMap
 from granularity.data.readers.common import (
     ShapeMask,
     crop_to_mask,
-    files_with_suffixes,
-    index_by_stem,
-    pair_by_stem,
+    pair_outline_files,
     rasterise_polygons,
     read_outline_files,
-    require_folder,
 )
 from granularity.data.region import Region
 from granularity.errors import DatasetError
@@ -53,17 +50,7 @@ def matches(root: Path) -> bool:
 
 
 def _pairs(root: Path) -> list[tuple[str, Path, Path]]:
-    if root.is_file():
-        # One annotation file given directly: its image lies beside it.
-        labels = {root.stem: root}
-        images = index_by_stem((p for p in files_with_suffixes(root.parent, IMAGE_SUFFIXES) if p.stem == root.stem), "image")
-        return pair_by_stem(images, labels, "XML annotation", "{stem}")
-    require_folder(root, "ImageScope dataset folder")
-    labels = index_by_stem(files_with_suffixes(root, (".xml",), recursive=True), "XML annotation")
-    if not labels:
-        raise DatasetError(f"ImageScope dataset folder {root} has no .xml annotation files; add them or choose another --format")
-    images = index_by_stem(files_with_suffixes(root, IMAGE_SUFFIXES, recursive=True), "image")
-    return pair_by_stem(images, labels, "XML annotation", "{stem}.xml")
+    return pair_outline_files(root, ".xml", "XML annotation", "ImageScope", IMAGE_SUFFIXES)
 
 
 def input_files(root: Path) -> list[Path]:
